@@ -1,0 +1,353 @@
+//! `diracnet` — the command-line edge: parses flags (each with a `DIRACNET_*` env twin), sets up
+//! logging, and calls the library. Errors become one clear message and exit code 1.
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use diracnet::{
+    classify::{Classifier, Prediction},
+    device::{self, DeviceSpec},
+    model::INPUT_SIZE,
+    npy, preprocess,
+    registry::{ModelSpec, Registry},
+    weights::{self, cache, convert, WeightsOptions},
+};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "diracnet",
+    version,
+    about = "Image classification with the pretrained folded DiracNets (Zagoruyko & Komodakis, 2017) on candle",
+    after_help = "Examples:\n  diracnet classify cat.jpg\n  diracnet classify --model diracnet34 --top-k 3 --json a.jpg b.png\n  diracnet fetch --model diracnet18 --model diracnet34\n  diracnet convert diracnet18v2folded-a2174e15.pth dn18.safetensors\n  diracnet preprocess cat.jpg -o cat.npy\n\nEvery flag can also be set through the environment variable shown in its help."
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, env = "DIRACNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info`, `diracnet=debug`).
+    #[arg(long, global = true, env = "DIRACNET_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and convert models into the cache; print each safetensors path.
+    #[command(
+        after_help = "Examples:\n  diracnet fetch\n  diracnet fetch --model diracnet34 --cache-dir /data\n  diracnet fetch --model mine=./checkpoint.pth"
+    )]
+    Fetch {
+        #[command(flatten)]
+        models: ModelArgs,
+    },
+    /// Convert a `.pth` (zip or legacy; folded or unfolded) into folded safetensors.
+    #[command(
+        after_help = "Example:\n  diracnet convert diracnet18-v2_checkpoint.pth dn18.safetensors"
+    )]
+    Convert {
+        /// Input `.pth` file.
+        input: PathBuf,
+        /// Output `.safetensors` file.
+        output: PathBuf,
+    },
+    /// Preprocess an image exactly as the authors' evaluation did; write a float32 `.npy`
+    /// of shape [1, 3, 224, 224].
+    #[command(after_help = "Example:\n  diracnet preprocess cat.jpg -o cat.npy")]
+    Preprocess {
+        /// Image file (JPEG, PNG, BMP, WebP, GIF, TIFF).
+        image: PathBuf,
+        /// Output `.npy` file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Refuse images with more pixels than this (decompression bombs).
+        #[arg(long, env = "DIRACNET_MAX_PIXELS", default_value_t = preprocess::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
+    },
+    /// Classify images, or preprocessed `.npy` tensors [N, 3, 224, 224].
+    #[command(
+        after_help = "Examples:\n  diracnet classify cat.jpg dog.png\n  diracnet classify --model diracnet34 --json --logits cat.jpg\n  diracnet classify --offline --cache-dir /data batch.npy"
+    )]
+    Classify {
+        #[command(flatten)]
+        models: ModelArgs,
+        /// How many classes to report per image.
+        #[arg(long, short = 'k', env = "DIRACNET_TOP_K", default_value_t = 5)]
+        top_k: usize,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Include the raw logits (JSON output).
+        #[arg(long)]
+        logits: bool,
+        /// Refuse images with more pixels than this (decompression bombs).
+        #[arg(long, env = "DIRACNET_MAX_PIXELS", default_value_t = preprocess::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
+        /// Images or `.npy` files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// List the models of the built-in registry.
+    Models,
+}
+
+/// Options of every subcommand that loads a model.
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: registry name, http(s)/file URL, or .pth/.safetensors path; `NAME=SOURCE` to rename.
+    /// Repeat for several.
+    #[arg(
+        long = "model",
+        short = 'm',
+        env = "DIRACNET_MODEL",
+        value_delimiter = ',',
+        default_value = "diracnet18"
+    )]
+    models: Vec<String>,
+    /// Cache folder for downloads and converted weights
+    /// [default: $XDG_CACHE_HOME/diracnet or ~/.cache/diracnet].
+    #[arg(long, env = "DIRACNET_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// Never use the network; a model missing from the caches is an error.
+    #[arg(long, env = "DIRACNET_OFFLINE")]
+    offline: bool,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "DIRACNET_DEVICE", default_value = "auto")]
+    device: DeviceSpec,
+}
+
+impl ModelArgs {
+    fn specs(&self) -> Result<Vec<ModelSpec>> {
+        let registry = Registry::builtin()?;
+        self.models
+            .iter()
+            .map(|m| Ok(ModelSpec::parse(m, &registry)?))
+            .collect()
+    }
+
+    fn weights_options(&self) -> WeightsOptions {
+        let root = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(cache::default_cache_dir);
+        WeightsOptions::new(root, self.offline, std::io::stderr().is_terminal())
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(cli.command)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Fetch { models } => fetch(&models).await,
+        Command::Convert { input, output } => convert_cmd(&input, &output),
+        Command::Preprocess {
+            image,
+            output,
+            max_pixels,
+        } => preprocess_cmd(&image, &output, max_pixels),
+        Command::Classify {
+            models,
+            top_k,
+            json,
+            logits,
+            max_pixels,
+            inputs,
+        } => classify_cmd(&models, top_k, json, logits, max_pixels, &inputs).await,
+        Command::Models => list_models(),
+    }
+}
+
+async fn fetch(args: &ModelArgs) -> Result<()> {
+    let opts = args.weights_options();
+    for spec in args.specs()? {
+        let w = weights::resolve(&spec, &opts)
+            .await
+            .with_context(|| format!("model {}", spec.name))?;
+        println!("{}\t{}", spec.name, w.path.display());
+    }
+    Ok(())
+}
+
+fn convert_cmd(input: &Path, output: &Path) -> Result<()> {
+    let sha256 = weights::fetch::sha256_file(input)
+        .with_context(|| format!("reading {}", input.display()))?;
+    let provenance = convert::Provenance {
+        source: input.display().to_string(),
+        sha256,
+    };
+    let c = convert::convert_pth(input, output, &provenance)?;
+    let a = &c.architecture;
+    println!(
+        "{}: {} {} checkpoint → {} (DiracNet-{}, widths {:?}, blocks {:?}, {} classes)",
+        input.display(),
+        c.container,
+        c.layout,
+        output.display(),
+        a.depth(),
+        a.widths,
+        a.blocks,
+        a.classes
+    );
+    Ok(())
+}
+
+fn preprocess_cmd(image: &Path, output: &Path, max_pixels: u64) -> Result<()> {
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let x =
+        preprocess::preprocess(&bytes, max_pixels).with_context(|| image.display().to_string())?;
+    npy::write_f32(output, &[1, 3, INPUT_SIZE, INPUT_SIZE], &x)?;
+    println!("{}", output.display());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ClassifyResult {
+    input: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    predictions: Vec<Prediction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logits: Option<Vec<f32>>,
+}
+
+async fn classify_cmd(
+    args: &ModelArgs,
+    top_k: usize,
+    json: bool,
+    with_logits: bool,
+    max_pixels: u64,
+    inputs: &[PathBuf],
+) -> Result<()> {
+    if top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let specs = args.specs()?;
+    let device = args.device.open()?;
+    let opts = args.weights_options();
+
+    // Inputs first: a bad image fails fast, before any download.
+    let mut rows: Vec<(String, Vec<f32>)> = Vec::new();
+    let per = 3 * INPUT_SIZE * INPUT_SIZE;
+    for path in inputs {
+        let name = path.display().to_string();
+        if path.extension().and_then(|e| e.to_str()) == Some("npy") {
+            let a = npy::read_f32(path)?;
+            match a.shape.as_slice() {
+                [n, 3, INPUT_SIZE, INPUT_SIZE] => {
+                    for (i, row) in a.data.chunks_exact(per).enumerate().take(*n) {
+                        rows.push((format!("{name}[{i}]"), row.to_vec()));
+                    }
+                }
+                s => bail!("{name}: shape {s:?}, expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}]"),
+            }
+        } else {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
+            let x = preprocess::preprocess(&bytes, max_pixels).with_context(|| name.clone())?;
+            rows.push((name, x));
+        }
+    }
+
+    let multi = specs.len() > 1;
+    let mut results = Vec::new();
+    for spec in &specs {
+        let started = Instant::now();
+        let clf = Classifier::load(spec, &opts, &device)
+            .await
+            .with_context(|| format!("model {}", spec.name))?;
+        tracing::info!(
+            model = %clf.name,
+            device = %device::describe(&device),
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        let k = top_k.min(clf.classes());
+        let started = Instant::now();
+        let images: Vec<&[f32]> = rows.iter().map(|(_, x)| x.as_slice()).collect();
+        let mut logits = Vec::with_capacity(images.len());
+        // Batches of 8: the throughput knee on CPU; bounds memory for long input lists.
+        for chunk in images.chunks(8) {
+            logits.extend(clf.logits(chunk)?);
+        }
+        tracing::info!(
+            images = images.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "classified"
+        );
+        for ((input, _), l) in rows.iter().zip(logits) {
+            results.push(ClassifyResult {
+                input: input.clone(),
+                model: multi.then(|| clf.name.clone()),
+                predictions: clf.predictions(&l, k),
+                logits: with_logits.then_some(l),
+            });
+        }
+    }
+
+    if json {
+        println!("{}", serde_json::to_string(&results)?);
+    } else {
+        for r in &results {
+            match &r.model {
+                Some(m) => println!("{} ({m})", r.input),
+                None => println!("{}", r.input),
+            }
+            for p in &r.predictions {
+                println!(
+                    "  {:>6.2}%  {:>4}  {}",
+                    100.0 * p.score,
+                    p.index,
+                    p.label.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn list_models() -> Result<()> {
+    let registry = Registry::builtin()?;
+    for e in registry.entries() {
+        println!(
+            "{:<24} {:?}  {}\n{:<24} {}",
+            e.name, e.kind, e.description, "", e.url
+        );
+    }
+    Ok(())
+}

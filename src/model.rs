@@ -1,0 +1,407 @@
+//! The folded DiracNet as a chain of candle layers.
+//!
+//! After folding, a DiracNet is as plain as VGG (PyTorch semantics):
+//!
+//! ```text
+//! conv 7×7/2 pad 3 (+bias) → maxpool 3/2 pad 1
+//! → for each group g: [ReLU → conv 3×3 pad 1 (+bias)] × blocks[g], then maxpool 2 (all but the last group)
+//! → ReLU → average over the whole map → linear
+//! ```
+//!
+//! The architecture (number of groups, blocks per group, widths, classes) is read from the tensor
+//! names and shapes, so any folded DiracNet loads, and every mismatch is an error naming the key.
+
+use std::{collections::BTreeMap, path::Path};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear};
+
+/// Side of the square input image.
+pub const INPUT_SIZE: usize = 224;
+
+/// Errors building or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor the architecture needs is absent.
+    #[error("missing tensor {key}")]
+    MissingKey {
+        /// Tensor name.
+        key: String,
+    },
+    /// A tensor that has no place in a DiracNet.
+    #[error("unexpected tensor {key} (not part of a folded DiracNet)")]
+    ExtraKey {
+        /// Tensor name.
+        key: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor {key} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// Tensor name.
+        key: String,
+        /// Its shape.
+        found: Vec<usize>,
+        /// The shape the chain needs there.
+        expected: Vec<usize>,
+    },
+    /// A tensor has a dtype we do not run.
+    #[error("tensor {key} has dtype {dtype:?}; expected a floating-point type")]
+    DType {
+        /// Tensor name.
+        key: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// The safetensors file could not be read.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Input of the wrong shape.
+    #[error("input has shape {found:?}, expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}]")]
+    InputShape {
+        /// Its shape.
+        found: Vec<usize>,
+    },
+    /// An error inside candle.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The shape of a DiracNet: widths and blocks per group, and the class count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Architecture {
+    /// Output channels of the stem conv.
+    pub stem_width: usize,
+    /// Output channels of each group's convs.
+    pub widths: Vec<usize>,
+    /// Number of ReLU+conv blocks in each group.
+    pub blocks: Vec<usize>,
+    /// Number of classes (rows of `fc.weight`).
+    pub classes: usize,
+}
+
+impl Architecture {
+    /// Depth as the paper counts it: stem conv + every block conv + fc (DiracNet-18: 1+16+1).
+    pub fn depth(&self) -> usize {
+        2 + self.blocks.iter().sum::<usize>()
+    }
+
+    /// Every tensor a folded DiracNet of this shape has, with its shape.
+    pub fn expected_tensors(&self) -> BTreeMap<String, Vec<usize>> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "features.conv.weight".into(),
+            vec![self.stem_width, 3, 7, 7],
+        );
+        m.insert("features.conv.bias".into(), vec![self.stem_width]);
+        let mut c_in = self.stem_width;
+        for (g, (&w, &n)) in self.widths.iter().zip(&self.blocks).enumerate() {
+            for b in 0..n {
+                let base = format!("features.group{g}.block{b}.conv");
+                m.insert(format!("{base}.weight"), vec![w, c_in, 3, 3]);
+                m.insert(format!("{base}.bias"), vec![w]);
+                c_in = w;
+            }
+        }
+        m.insert("fc.weight".into(), vec![self.classes, c_in]);
+        m.insert("fc.bias".into(), vec![self.classes]);
+        m
+    }
+
+    /// Infers the architecture from folded tensor names and shapes, and checks that every
+    /// tensor is there with the right shape and nothing else is.
+    pub fn from_shapes(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, ModelError> {
+        let shape_of = |key: &str| {
+            shapes.get(key).ok_or_else(|| ModelError::MissingKey {
+                key: key.to_string(),
+            })
+        };
+        let stem = shape_of("features.conv.weight")?;
+        let fc = shape_of("fc.weight")?;
+        // Blocks per group from the names `features.group{g}.block{b}.conv.weight`.
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        for key in shapes.keys() {
+            let Some(rest) = key.strip_prefix("features.group") else {
+                continue;
+            };
+            let parsed = rest.split_once(".block").and_then(|(g, r)| {
+                let (b, tail) = r.split_once('.')?;
+                Some((g.parse::<usize>().ok()?, b.parse::<usize>().ok()?, tail))
+            });
+            match parsed {
+                Some((g, b, "conv.weight" | "conv.bias")) => {
+                    let c = counts.entry(g).or_default();
+                    *c = (*c).max(b + 1);
+                }
+                _ => return Err(ModelError::ExtraKey { key: key.clone() }),
+            }
+        }
+        let groups = counts.keys().next_back().map_or(0, |g| g + 1);
+        if groups == 0 {
+            return Err(ModelError::MissingKey {
+                key: "features.group0.block0.conv.weight".into(),
+            });
+        }
+        let mut widths = Vec::with_capacity(groups);
+        let mut blocks = Vec::with_capacity(groups);
+        for g in 0..groups {
+            let n = counts.get(&g).copied().unwrap_or(0);
+            let key = format!("features.group{g}.block0.conv.weight");
+            let w = shape_of(&key)?;
+            widths.push(w.first().copied().unwrap_or(0));
+            blocks.push(n);
+        }
+        let arch = Self {
+            stem_width: stem.first().copied().unwrap_or(0),
+            widths,
+            blocks,
+            classes: fc.first().copied().unwrap_or(0),
+        };
+        let expected = arch.expected_tensors();
+        for (key, want) in &expected {
+            let found = shape_of(key)?;
+            if found != want {
+                return Err(ModelError::Shape {
+                    key: key.clone(),
+                    found: found.clone(),
+                    expected: want.clone(),
+                });
+            }
+        }
+        if let Some(key) = shapes.keys().find(|k| !expected.contains_key(*k)) {
+            return Err(ModelError::ExtraKey { key: key.clone() });
+        }
+        Ok(arch)
+    }
+}
+
+/// One ReLU → conv 3×3 pad 1 block.
+#[derive(Debug, Clone)]
+struct Block {
+    conv: Conv2d,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv.forward(&x.relu()?)
+    }
+}
+
+/// A folded DiracNet ready to run.
+#[derive(Debug, Clone)]
+pub struct DiracNet {
+    arch: Architecture,
+    stem: Conv2d,
+    groups: Vec<Vec<Block>>,
+    fc: Linear,
+    device: Device,
+}
+
+impl DiracNet {
+    /// Builds the chain from folded tensors (canonical names), validating names and shapes.
+    pub fn from_tensors(
+        tensors: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let shapes = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        let arch = Architecture::from_shapes(&shapes)?;
+        let get = |key: &str| -> Result<Tensor, ModelError> {
+            let t = tensors.get(key).ok_or_else(|| ModelError::MissingKey {
+                key: key.to_string(),
+            })?;
+            if !t.dtype().is_float() {
+                return Err(ModelError::DType {
+                    key: key.to_string(),
+                    dtype: format!("{:?}", t.dtype()),
+                });
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let conv = |base: &str, padding, stride| -> Result<Conv2d, ModelError> {
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            Ok(Conv2d::new(
+                get(&format!("{base}.weight"))?,
+                Some(get(&format!("{base}.bias"))?),
+                cfg,
+            ))
+        };
+        let stem = conv("features.conv", 3, 2)?;
+        let groups = arch
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(g, &n)| {
+                (0..n)
+                    .map(|b| {
+                        Ok(Block {
+                            conv: conv(&format!("features.group{g}.block{b}.conv"), 1, 1)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ModelError>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let fc = Linear::new(get("fc.weight")?, Some(get("fc.bias")?));
+        Ok(Self {
+            arch,
+            stem,
+            groups,
+            fc,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a folded safetensors file (memory-mapped) onto `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        // SAFETY: the mapping is read-only and dropped before returning (every tensor is copied
+        // out). Our cache files are written to a temporary name and renamed into place, never
+        // modified in place; a user file changed while we copy it could give wrong values, as with
+        // any reader, but not unsoundness in our code.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) };
+        let tensors = mapped
+            .and_then(|st| {
+                st.tensors()
+                    .into_iter()
+                    .map(|(name, view)| {
+                        Ok((
+                            name,
+                            candle_core::safetensors::Load::load(&view, &Device::Cpu)?,
+                        ))
+                    })
+                    .collect::<candle_core::Result<BTreeMap<String, Tensor>>>()
+            })
+            .map_err(|e| ModelError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        Self::from_tensors(&tensors, device)
+    }
+
+    /// The architecture read from the weights.
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[N, classes]` for a batch `[N, 3, 224, 224]` of normalised images.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match x.dims() {
+            [_, 3, INPUT_SIZE, INPUT_SIZE] => {}
+            d => return Err(ModelError::InputShape { found: d.to_vec() }),
+        }
+        let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let x = self.stem.forward(&x)?;
+        // maxpool 3/2 pad 1. candle's pool has no padding; every group starts with a ReLU, so
+        // ReLU-then-zero-pad gives exactly relu(maxpool_{-inf pad}(x)), and the group's own
+        // leading ReLU is then a no-op.
+        let mut x = x
+            .relu()?
+            .pad_with_zeros(2, 1, 1)?
+            .pad_with_zeros(3, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?;
+        let last = self.groups.len().saturating_sub(1);
+        for (g, blocks) in self.groups.iter().enumerate() {
+            for block in blocks {
+                x = block.forward(&x)?;
+            }
+            if g != last {
+                x = x.max_pool2d(2)?;
+            }
+        }
+        let x = x.relu()?.mean((2, 3))?;
+        Ok(self.fc.forward(&x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arch() -> Architecture {
+        Architecture {
+            stem_width: 4,
+            widths: vec![4, 8, 16, 32],
+            blocks: vec![4, 4, 4, 4],
+            classes: 10,
+        }
+    }
+
+    #[test]
+    fn architecture_roundtrips_through_shapes() {
+        let a = arch();
+        assert_eq!(a.depth(), 18);
+        let shapes = a.expected_tensors();
+        assert_eq!(shapes.len(), 2 + 16 * 2 + 2);
+        assert_eq!(
+            shapes["features.group1.block0.conv.weight"],
+            vec![8, 4, 3, 3]
+        );
+        assert_eq!(Architecture::from_shapes(&shapes).unwrap(), a);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut s = arch().expected_tensors();
+        s.remove("features.group2.block1.conv.bias");
+        let e = Architecture::from_shapes(&s).unwrap_err().to_string();
+        assert_eq!(e, "missing tensor features.group2.block1.conv.bias");
+
+        let mut s = arch().expected_tensors();
+        s.insert(
+            "features.group1.block1.conv.weight".into(),
+            vec![8, 4, 3, 3],
+        );
+        let e = Architecture::from_shapes(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("features.group1.block1.conv.weight") && e.contains("[8, 8, 3, 3]"),
+            "{e}"
+        );
+
+        let mut s = arch().expected_tensors();
+        s.insert("features.group0.block0.bn.weight".into(), vec![4]);
+        let e = Architecture::from_shapes(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("unexpected tensor features.group0.block0.bn.weight"),
+            "{e}"
+        );
+
+        let mut s = arch().expected_tensors();
+        s.insert("classifier.weight".into(), vec![4]);
+        assert!(Architecture::from_shapes(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("classifier.weight"));
+    }
+
+    #[test]
+    fn forward_shape_and_input_check() {
+        let dev = Device::Cpu;
+        let tensors = arch()
+            .expected_tensors()
+            .into_iter()
+            .map(|(k, s)| (k, Tensor::randn(0f32, 0.1, s, &dev).unwrap()))
+            .collect();
+        let net = DiracNet::from_tensors(&tensors, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &dev).unwrap();
+        assert_eq!(net.forward(&x).unwrap().dims(), &[2, 10]);
+        let bad = Tensor::zeros((1, 3, 32, 32), DType::F32, &dev).unwrap();
+        assert!(matches!(
+            net.forward(&bad),
+            Err(ModelError::InputShape { .. })
+        ));
+    }
+}

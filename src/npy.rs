@@ -1,0 +1,192 @@
+//! Minimal `.npy` (NumPy format 1.0–3.0) for float32 C-order arrays: the CLI's way of taking
+//! and giving preprocessed tensors. The header is checked against the file size before any
+//! allocation, so a lying header is an error, not an out-of-memory abort.
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Errors reading or writing `.npy` files.
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    /// I/O failure.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a float32 C-order `.npy` of the expected size.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A float32 array: shape and row-major values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array {
+    /// Extents, outermost first.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+/// Reads a little-endian float32, C-order `.npy` file.
+pub fn read_f32(path: &Path) -> Result<Array, NpyError> {
+    let io = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |reason: String| NpyError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut pre = [0u8; 8];
+    f.read_exact(&mut pre)
+        .map_err(|_| bad("too short for a .npy file".into()))?;
+    if &pre[..6] != MAGIC {
+        return Err(bad("not a .npy file (bad magic)".into()));
+    }
+    let header_len = match pre[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            f.read_exact(&mut b).map_err(io)?;
+            u64::from(u16::from_le_bytes(b))
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            f.read_exact(&mut b).map_err(io)?;
+            u64::from(u32::from_le_bytes(b))
+        }
+        v => return Err(bad(format!("unsupported .npy version {v}"))),
+    };
+    let offset = if pre[6] == 1 { 10 } else { 12 };
+    if offset + header_len > file_len {
+        return Err(bad("header longer than the file".into()));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header = String::from_utf8_lossy(&header);
+    let field = |name: &str| -> Option<String> {
+        let key = format!("'{name}':");
+        let rest = header[header.find(&key)? + key.len()..].trim_start();
+        let end = if rest.starts_with('(') {
+            rest.find(')')? + 1
+        } else {
+            rest.find([',', '}'])?
+        };
+        Some(rest[..end].trim().trim_matches('\'').to_string())
+    };
+    let descr = field("descr").ok_or_else(|| bad("header lacks 'descr'".into()))?;
+    if descr != "<f4" {
+        return Err(bad(format!("dtype {descr:?}; expected float32 ('<f4')")));
+    }
+    if field("fortran_order").as_deref() != Some("False") {
+        return Err(bad("Fortran-order arrays are not supported".into()));
+    }
+    let shape_text = field("shape").ok_or_else(|| bad("header lacks 'shape'".into()))?;
+    let shape = shape_text
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad(format!("bad shape {shape_text}")))?;
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    let want = offset + header_len + 4 * numel as u64;
+    if file_len != want {
+        return Err(bad(format!(
+            "shape {shape:?} needs {want} bytes, file has {file_len}"
+        )));
+    }
+    let mut bytes = vec![0u8; 4 * numel];
+    f.read_exact(&mut bytes).map_err(io)?;
+    let data = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Array { shape, data })
+}
+
+/// Writes a float32, C-order `.npy` file (format 1.0).
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyError> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape_text = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // Pad with spaces so that the data starts on a 64-byte boundary, newline-terminated.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * data.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(&out))
+        .map_err(|source| NpyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.npy");
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5).collect();
+        write_f32(&p, &[2, 3, 4], &data).unwrap();
+        let a = read_f32(&p).unwrap();
+        assert_eq!(a.shape, vec![2, 3, 4]);
+        assert_eq!(a.data, data);
+        assert_eq!(std::fs::metadata(&p).unwrap().len() % 4, 0);
+
+        // Truncated data: the header promises more than the file holds.
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_f32(&p).unwrap_err().to_string().contains("needs"));
+
+        // Header edits on the raw bytes (the data is not UTF-8).
+        let edit = |from: &[u8], to: &[u8]| {
+            let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+            let mut b = bytes.clone();
+            b.splice(at..at + from.len(), to.iter().copied());
+            b
+        };
+        // A lying shape cannot make us allocate.
+        write_f32(&p, &[999_999_999_999, 3, 4], &data).unwrap();
+        assert!(read_f32(&p).unwrap_err().to_string().contains("needs"));
+        write_f32(&p, &[usize::MAX, 3, 4], &data).unwrap();
+        assert!(read_f32(&p).unwrap_err().to_string().contains("overflows"));
+
+        std::fs::write(&p, b"not numpy at all").unwrap();
+        assert!(read_f32(&p).unwrap_err().to_string().contains("bad magic"));
+
+        std::fs::write(&p, edit(b"<f4", b"|u1")).unwrap();
+        assert!(read_f32(&p).unwrap_err().to_string().contains("float32"));
+    }
+}
