@@ -20,4 +20,5 @@ pub mod model;
 pub mod npy;
 pub mod preprocess;
 pub mod registry;
+pub mod server;
 pub mod weights;

@@ -4,7 +4,7 @@
 use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +15,7 @@ use diracnet::{
     model::INPUT_SIZE,
     npy, preprocess,
     registry::{ModelSpec, Registry},
+    server,
     weights::{self, cache, convert, WeightsOptions},
 };
 use serde::Serialize;
@@ -47,6 +48,11 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models over HTTP: /classify, KServe v2, health, metrics, OpenAPI (/docs).
+    #[command(
+        after_help = "Examples:\n  diracnet serve\n  diracnet serve --model diracnet18 --model diracnet34 --port 9000\n  DIRACNET_API_KEY=secret diracnet serve --max-batch-size 8 --max-batch-delay-ms 5\n  curl -T cat.jpg -H 'Content-Type: image/jpeg' localhost:8080/classify"
+    )]
+    Serve(Box<ServeArgs>),
     /// Download and convert models into the cache; print each safetensors path.
     #[command(
         after_help = "Examples:\n  diracnet fetch\n  diracnet fetch --model diracnet34 --cache-dir /data\n  diracnet fetch --model mine=./checkpoint.pth"
@@ -103,6 +109,50 @@ enum Command {
     },
     /// List the models of the built-in registry.
     Models,
+}
+
+/// `diracnet serve` flags.
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Address to bind (never read from HOSTNAME, which Docker sets to the container id).
+    #[arg(long, env = "DIRACNET_HOST", default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, env = "DIRACNET_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Largest batch per forward pass.
+    #[arg(long, env = "DIRACNET_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_batch_size: u32,
+    /// Longest wait for a batch to fill once the model is free, in milliseconds.
+    #[arg(long, env = "DIRACNET_MAX_BATCH_DELAY_MS", default_value_t = 2.0)]
+    max_batch_delay_ms: f64,
+    /// Images that may wait per model; beyond, requests get 429.
+    #[arg(long, env = "DIRACNET_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_queue: u32,
+    /// Deadline of a request, in milliseconds; one still queued then gets 503.
+    #[arg(long, env = "DIRACNET_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    request_timeout_ms: u64,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "DIRACNET_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Refuse images with more pixels than this (413).
+    #[arg(long, env = "DIRACNET_MAX_PIXELS", default_value_t = preprocess::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Allowed CORS origin (repeat, or `*`); none: no CORS headers.
+    #[arg(
+        long = "cors-origin",
+        env = "DIRACNET_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+    /// Require `Authorization: Bearer <key>` on inference routes (health and metrics stay open).
+    #[arg(long, env = "DIRACNET_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Longest drain after SIGTERM/SIGINT, in seconds (below Kubernetes' 30 s grace).
+    #[arg(long, env = "DIRACNET_SHUTDOWN_TIMEOUT_S", default_value_t = 25)]
+    shutdown_timeout_s: u64,
 }
 
 /// Options of every subcommand that loads a model.
@@ -175,6 +225,7 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 async fn run(command: Command) -> Result<()> {
     match command {
+        Command::Serve(args) => serve(*args).await,
         Command::Fetch { models } => fetch(&models).await,
         Command::Convert { input, output } => convert_cmd(&input, &output),
         Command::Preprocess {
@@ -192,6 +243,33 @@ async fn run(command: Command) -> Result<()> {
         } => classify_cmd(&models, top_k, json, logits, max_pixels, &inputs).await,
         Command::Models => list_models(),
     }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    if !(args.max_batch_delay_ms.is_finite() && args.max_batch_delay_ms >= 0.0) {
+        bail!("--max-batch-delay-ms must be a non-negative number");
+    }
+    let config = server::ServeConfig {
+        models: args.models.specs()?,
+        weights: args.models.weights_options(),
+        device: args.models.device,
+        batch: server::batcher::BatchConfig {
+            max_batch_size: args.max_batch_size as usize,
+            max_batch_delay: Duration::from_secs_f64(args.max_batch_delay_ms / 1000.0),
+            max_queue: args.max_queue as usize,
+        },
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        max_body_bytes: args.max_body_bytes,
+        max_pixels: args.max_pixels,
+        cors_origins: args.cors_origins,
+        api_key: args.api_key.filter(|k| !k.is_empty()),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_s),
+    };
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    server::run(config, listener, server::shutdown_signal()).await?;
+    Ok(())
 }
 
 async fn fetch(args: &ModelArgs) -> Result<()> {

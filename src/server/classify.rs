@@ -1,0 +1,449 @@
+//! `POST /classify` and `POST /models/{name}/classify`.
+//!
+//! Input, the three ways TorchServe users expect:
+//! * raw body, `Content-Type: image/*` or `application/octet-stream`;
+//! * `multipart/form-data`, one or more file parts (text parts `top_k` and `model` allowed);
+//! * JSON `{"image": "<base64>"}` or `{"images": ["<base64>", ...]}`, optional `top_k`, `model`.
+//!
+//! Images are decoded and preprocessed on the blocking pool *before* they enter the queue, so
+//! the next batch is being prepared while the current one computes.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, Multipart, Path, Query, Request, State},
+    http::{header, HeaderMap, HeaderValue},
+    response::{IntoResponse, Response},
+    Json,
+};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::{error::ApiError, AppState, ServedModel};
+use crate::{classify::Prediction, preprocess};
+
+/// Query parameters of the classify routes.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct ClassifyQuery {
+    /// Number of classes to return per image (default 5, at most the class count).
+    pub top_k: Option<usize>,
+    /// Model to use on `/classify` (default: the first model).
+    pub model: Option<String>,
+}
+
+/// JSON request body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyJson {
+    /// One base64-encoded image file.
+    pub image: Option<String>,
+    /// Several base64-encoded image files.
+    pub images: Option<Vec<String>>,
+    /// Number of classes to return per image.
+    pub top_k: Option<usize>,
+    /// Model to use (on `/classify`).
+    pub model: Option<String>,
+}
+
+/// Predictions for one image.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ImageResult {
+    /// Best classes first.
+    pub predictions: Vec<PredictionBody>,
+}
+
+/// One class.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PredictionBody {
+    /// Class index (logit row).
+    #[schema(example = 281)]
+    pub index: usize,
+    /// Class name; null when the model's class count matches no label list.
+    #[schema(example = "tabby, tabby cat")]
+    pub label: Option<String>,
+    /// Softmax probability.
+    #[schema(example = 0.41)]
+    pub score: f32,
+}
+
+impl From<Prediction> for PredictionBody {
+    fn from(p: Prediction) -> Self {
+        Self {
+            index: p.index,
+            label: p.label,
+            score: p.score,
+        }
+    }
+}
+
+/// Response: `predictions` for one image, `results` (in input order) for several.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClassifyResponse {
+    /// Model that answered.
+    pub model: String,
+    /// For a single image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<Vec<PredictionBody>>,
+    /// For several images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<ImageResult>>,
+}
+
+/// The label of the model a response was for, read by the metrics middleware.
+#[derive(Debug, Clone)]
+pub struct ModelLabel(pub String);
+
+/// Images and options parsed from a request.
+struct Parsed {
+    images: Vec<Bytes>,
+    /// The client sent a list (JSON `images`, or several multipart files).
+    many: bool,
+    top_k: Option<usize>,
+    model: Option<String>,
+}
+
+/// `POST /classify`
+#[utoipa::path(
+    post,
+    path = "/classify",
+    tag = "classify",
+    params(ClassifyQuery),
+    request_body(
+        description = "An image file (raw body), multipart file parts, or JSON with base64 images",
+        content(
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "application/octet-stream"),
+            (ClassifyJson = "application/json"),
+            (String = "multipart/form-data"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Top-k classes", body = ClassifyResponse,
+         headers(("x-request-id" = String), ("x-queue-time-ms" = f64), ("x-inference-time-ms" = f64))),
+        (status = 400, description = "Malformed request or undecodable image", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
+        (status = 404, description = "Unknown model", body = super::error::ErrorBody),
+        (status = 413, description = "Body or image too large", body = super::error::ErrorBody),
+        (status = 415, description = "Not an image, or unsupported content type", body = super::error::ErrorBody),
+        (status = 429, description = "Queue full; retry later", body = super::error::ErrorBody),
+        (status = 503, description = "Not ready, shutting down, or deadline passed in queue", body = super::error::ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ClassifyQuery>,
+    request: Request,
+) -> Response {
+    handle(state, None, query, request, "/classify").await
+}
+
+/// `POST /models/{name}/classify`
+#[utoipa::path(
+    post,
+    path = "/models/{name}/classify",
+    tag = "classify",
+    params(("name" = String, Path, description = "Model name"), ClassifyQuery),
+    request_body(
+        description = "As for /classify",
+        content(
+            (Vec<u8> = "image/jpeg"),
+            (ClassifyJson = "application/json"),
+            (String = "multipart/form-data"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Top-k classes", body = ClassifyResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn classify_model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(query): Query<ClassifyQuery>,
+    request: Request,
+) -> Response {
+    handle(state, Some(name), query, request, "/models/{name}/classify").await
+}
+
+async fn handle(
+    state: Arc<AppState>,
+    path_model: Option<String>,
+    query: ClassifyQuery,
+    request: Request,
+    route: &'static str,
+) -> Response {
+    let arrived = Instant::now();
+    let deadline = arrived + state.config.request_timeout;
+    let mut model_label = path_model
+        .clone()
+        .or_else(|| query.model.clone())
+        .unwrap_or_default();
+    let result = async {
+        let Some(_guard) = state.begin_inference() else {
+            return Err(ApiError::shutting_down());
+        };
+        let models = state.models().ok_or_else(ApiError::not_ready)?;
+        let parsed = parse(request, state.config.max_body_bytes).await?;
+        let wanted = path_model.or(query.model).or(parsed.model.clone());
+        let served = find_model(models, wanted.as_deref())?;
+        model_label = served.classifier.name.clone();
+        let classes = served.classifier.classes();
+        let top_k = query.top_k.or(parsed.top_k).unwrap_or(5);
+        if top_k == 0 || top_k > classes {
+            return Err(ApiError::bad_request(format!(
+                "top_k must be between 1 and {classes} (the class count)"
+            )));
+        }
+        let max_pixels = state.config.max_pixels;
+        let images = parsed.images;
+        let inputs = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|b| preprocess::preprocess(b, max_pixels))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))??;
+        let outputs = served.batcher.run(inputs, deadline).await?;
+        let queue = outputs
+            .iter()
+            .map(|o| o.queue_time)
+            .max()
+            .unwrap_or_default();
+        let infer = outputs
+            .iter()
+            .map(|o| o.inference_time)
+            .max()
+            .unwrap_or_default();
+        let mut results: Vec<ImageResult> = outputs
+            .iter()
+            .map(|out| ImageResult {
+                predictions: served
+                    .classifier
+                    .predictions(&out.logits, top_k)
+                    .into_iter()
+                    .map(PredictionBody::from)
+                    .collect(),
+            })
+            .collect();
+        let model = served.classifier.name.clone();
+        let body = if parsed.many {
+            ClassifyResponse {
+                model,
+                predictions: None,
+                results: Some(results),
+            }
+        } else {
+            ClassifyResponse {
+                model,
+                predictions: results.pop().map(|r| r.predictions),
+                results: None,
+            }
+        };
+        Ok((body, queue, infer))
+    }
+    .await;
+
+    let mut response = match result {
+        Ok((body, queue, infer)) => {
+            let mut r = Json(body).into_response();
+            let h = r.headers_mut();
+            insert_ms(h, "x-queue-time-ms", queue);
+            insert_ms(h, "x-inference-time-ms", infer);
+            state
+                .metrics
+                .request_duration(&model_label, route, arrived.elapsed());
+            r
+        }
+        Err(e) => {
+            if let Some(reason) = e.reject_reason() {
+                state.metrics.rejected(&model_label, reason);
+            }
+            e.into_response()
+        }
+    };
+    response.extensions_mut().insert(ModelLabel(model_label));
+    response
+}
+
+fn insert_ms(headers: &mut HeaderMap, name: &'static str, d: Duration) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)) {
+        headers.insert(name, v);
+    }
+}
+
+/// The model called `name`, or the first one.
+pub fn find_model<'a>(
+    models: &'a [ServedModel],
+    name: Option<&str>,
+) -> Result<&'a ServedModel, ApiError> {
+    match name {
+        None => models
+            .first()
+            .ok_or_else(|| ApiError::not_found("no model is served")),
+        Some(n) => models
+            .iter()
+            .find(|m| m.classifier.name == n)
+            .ok_or_else(|| {
+                let known: Vec<&str> = models.iter().map(|m| m.classifier.name.as_str()).collect();
+                ApiError::not_found(format!("unknown model {n:?}; served: {}", known.join(", ")))
+            }),
+    }
+}
+
+/// Reads the images out of a request according to its content type.
+async fn parse(request: Request, max_body: usize) -> Result<Parsed, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if essence == "application/json" {
+        let body = read_body(request, max_body).await?;
+        let json: ClassifyJson = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+        let (images, many) = match (json.image, json.images) {
+            (Some(one), None) => (vec![decode_base64(&one, 0)?], false),
+            (None, Some(list)) if !list.is_empty() => (
+                list.iter()
+                    .enumerate()
+                    .map(|(i, s)| decode_base64(s, i))
+                    .collect::<Result<_, _>>()?,
+                true,
+            ),
+            (None, Some(_)) => return Err(ApiError::bad_request("\"images\" is empty")),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give either \"image\" or \"images\", not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "JSON body needs \"image\" (base64) or \"images\" (list of base64)",
+                ))
+            }
+        };
+        Ok(Parsed {
+            images,
+            many,
+            top_k: json.top_k,
+            model: json.model,
+        })
+    } else if essence == "multipart/form-data" {
+        parse_multipart(request).await
+    } else if essence.starts_with("image/") || essence == "application/octet-stream" {
+        let body = read_body(request, max_body).await?;
+        if body.is_empty() {
+            return Err(ApiError::bad_request("empty request body"));
+        }
+        Ok(Parsed {
+            images: vec![body],
+            many: false,
+            top_k: None,
+            model: None,
+        })
+    } else if essence.is_empty() {
+        Err(ApiError::unsupported_media_type(
+            "missing Content-Type: send image/*, application/octet-stream, multipart/form-data or application/json",
+        ))
+    } else {
+        Err(ApiError::unsupported_media_type(format!(
+            "unsupported Content-Type {essence:?}: send image/*, application/octet-stream, multipart/form-data or application/json"
+        )))
+    }
+}
+
+async fn read_body(request: Request, max_body: usize) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, &())
+        .await
+        .map_err(|e| body_error(e.status().as_u16(), e.body_text(), max_body))
+}
+
+fn body_error(status: u16, text: String, max_body: usize) -> ApiError {
+    if status == 413 {
+        ApiError::too_large(max_body)
+    } else {
+        ApiError::bad_request(format!("could not read the request body: {text}"))
+    }
+}
+
+async fn parse_multipart(request: Request) -> Result<Parsed, ApiError> {
+    let mut mp = Multipart::from_request(request, &()).await.map_err(|e| {
+        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+    })?;
+    let mut images = Vec::new();
+    let (mut top_k, mut model) = (None, None);
+    loop {
+        let field = match mp.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e)),
+        };
+        let name = field.name().unwrap_or("").to_string();
+        let is_file = field.file_name().is_some()
+            || field
+                .content_type()
+                .is_some_and(|c| c.starts_with("image/") || c == "application/octet-stream");
+        let data = field.bytes().await.map_err(multipart_error)?;
+        match name.as_str() {
+            "top_k" if !is_file => {
+                let text = String::from_utf8_lossy(&data);
+                top_k = Some(text.trim().parse().map_err(|_| {
+                    ApiError::bad_request(format!("top_k {text:?} is not a number"))
+                })?);
+            }
+            "model" if !is_file => model = Some(String::from_utf8_lossy(&data).trim().to_string()),
+            _ => images.push(data),
+        }
+    }
+    if images.is_empty() {
+        return Err(ApiError::bad_request("multipart body has no file part"));
+    }
+    Ok(Parsed {
+        many: images.len() > 1,
+        images,
+        top_k,
+        model,
+    })
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status().as_u16() == 413 {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            e.body_text(),
+        )
+    } else {
+        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+fn decode_base64(s: &str, index: usize) -> Result<Bytes, ApiError> {
+    // Accept data URLs too: `data:image/png;base64,...`.
+    let payload = match s.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => s,
+    };
+    let cleaned: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(cleaned.as_bytes())
+        .map(Bytes::from)
+        .map_err(|e| ApiError::bad_request(format!("image {index}: malformed base64: {e}")))
+}

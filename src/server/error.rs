@@ -1,0 +1,150 @@
+//! HTTP errors: every failure is a JSON body `{"error": "...", "type": "..."}` with the status
+//! that names its cause. 500 is reserved for our own bugs.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Serialize;
+
+use super::batcher::JobError;
+use crate::preprocess::PreprocessError;
+
+/// An error answered to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable snake_case cause, e.g. `queue_full`.
+    pub kind: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// The JSON error body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    #[schema(example = "the queue of model diracnet18 is full")]
+    pub error: String,
+    /// Stable cause: bad_request, unauthorized, not_found, payload_too_large,
+    /// unsupported_media_type, not_an_image, too_many_pixels, decode_failed, queue_full,
+    /// timeout, not_ready, shutting_down, internal.
+    #[serde(rename = "type")]
+    #[schema(example = "queue_full")]
+    pub kind: String,
+}
+
+impl ApiError {
+    /// An error with this status, kind and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// 400: malformed request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404: unknown model or route.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 413: body over the byte limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than {limit} bytes"),
+        )
+    }
+
+    /// 415: content type we do not take.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
+
+    /// 503: models still loading.
+    pub fn not_ready() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "models are still loading",
+        )
+    }
+
+    /// 503: shutdown under way.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
+    }
+
+    /// 500: a bug of ours.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// The `rejected_requests_total` reason this error counts as, if any.
+    pub fn reject_reason(&self) -> Option<&'static str> {
+        match self.kind {
+            "queue_full" | "timeout" | "shutting_down" | "not_ready" => Some(self.kind),
+            _ if self.status.is_client_error() => Some("bad_input"),
+            _ => None,
+        }
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(e: PreprocessError) -> Self {
+        let status = match e {
+            PreprocessError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PreprocessError::NotAnImage { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, e.kind(), e.to_string())
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::QueueFull(_) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+            }
+            JobError::Timeout(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", e.to_string())
+            }
+            JobError::ShuttingDown(_) => Self::shutting_down(),
+            JobError::Inference(_) => Self::internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.message,
+            kind: self.kind.to_string(),
+        };
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp.extensions_mut().insert(self.kind);
+        resp
+    }
+}
