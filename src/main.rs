@@ -8,11 +8,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diracnet::{
     classify::{Classifier, Prediction},
     device::{self, DeviceSpec},
-    model::INPUT_SIZE,
+    model::{Architecture, DiracNet, INPUT_SIZE},
     npy, preprocess,
     registry::{ModelSpec, Registry},
     server,
@@ -109,6 +110,11 @@ enum Command {
     },
     /// List the models of the built-in registry.
     Models,
+    /// Measure the model's raw throughput on random input (no HTTP, no preprocessing).
+    #[command(
+        after_help = "Examples:\n  diracnet bench --model random:18 --batch 8 --json\n  diracnet bench --model diracnet34 --batch 1 --seconds 10\n\n`random:18` and `random:34` are DiracNet-18/34-shaped random weights (speed does not depend on\nthe values)."
+    )]
+    Bench(BenchArgs),
 }
 
 /// `diracnet serve` flags.
@@ -153,6 +159,25 @@ struct ServeArgs {
     /// Longest drain after SIGTERM/SIGINT, in seconds (below Kubernetes' 30 s grace).
     #[arg(long, env = "DIRACNET_SHUTDOWN_TIMEOUT_S", default_value_t = 25)]
     shutdown_timeout_s: u64,
+}
+
+/// `diracnet bench` flags.
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    batch: u32,
+    /// Seconds to measure (at least 3 iterations run).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Options of every subcommand that loads a model.
@@ -205,7 +230,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // Do not wait on blocking work left running (e.g. a warm-up interrupted by SIGTERM).
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -242,6 +270,7 @@ async fn run(command: Command) -> Result<()> {
             inputs,
         } => classify_cmd(&models, top_k, json, logits, max_pixels, &inputs).await,
         Command::Models => list_models(),
+        Command::Bench(args) => bench(&args).await,
     }
 }
 
@@ -417,6 +446,78 @@ async fn classify_cmd(
         }
     }
     Ok(())
+}
+
+async fn bench(args: &BenchArgs) -> Result<()> {
+    let device = args.models.device.open()?;
+    let Some(name) = args.models.models.first() else {
+        bail!("--model is required");
+    };
+    let model = match name.strip_prefix("random:") {
+        Some(depth) => {
+            let depth: usize = depth.parse().context("random:DEPTH needs 18 or 34")?;
+            let arch =
+                Architecture::imagenet(depth, 1000).context("random:DEPTH needs 18 or 34")?;
+            let tensors = arch
+                .random_weights(42)
+                .into_iter()
+                .map(|(k, t)| Ok((k, Tensor::from_vec(t.data, t.shape, &Device::Cpu)?)))
+                .collect::<Result<_>>()?;
+            DiracNet::from_tensors(&tensors, &device)?
+        }
+        None => {
+            let spec = ModelSpec::parse(name, &Registry::builtin()?)?;
+            Classifier::load(&spec, &args.models.weights_options(), &device)
+                .await?
+                .model
+        }
+    };
+    let b = args.batch as usize;
+    let x = Tensor::randn(0f32, 1.0, (b, 3, INPUT_SIZE, INPUT_SIZE), &device)?;
+    for _ in 0..args.warmup {
+        model.forward(&x)?.to_device(&Device::Cpu)?;
+    }
+    let mut rates = Vec::new();
+    let started = Instant::now();
+    while rates.len() < 3 || started.elapsed().as_secs_f64() < args.seconds {
+        let t = Instant::now();
+        model.forward(&x)?.to_device(&Device::Cpu)?;
+        rates.push(b as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    let report = serde_json::json!({
+        "model": name,
+        "batch": b,
+        "threads": candle_core::utils::get_num_threads(),
+        "device": device::describe(&device),
+        "img_per_s_median": median,
+        "img_per_s_min": rates[0],
+        "img_per_s_max": rates[rates.len() - 1],
+        "iterations": rates.len(),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{name} batch {b}: {median:.1} img/s median ({:.1}–{:.1}), {:.1} ms per batch, {} iterations, peak RSS {} MiB",
+            rates[0],
+            rates[rates.len() - 1],
+            1000.0 * b as f64 / median,
+            rates.len(),
+            report["peak_rss_mib"]
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn list_models() -> Result<()> {

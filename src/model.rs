@@ -112,6 +112,46 @@ impl Architecture {
         m
     }
 
+    /// The published ImageNet shapes: DiracNet-18 (4 blocks per group) or DiracNet-34
+    /// (6, 8, 12, 6), widths 64–512.
+    pub fn imagenet(depth: usize, classes: usize) -> Option<Self> {
+        let blocks = match depth {
+            18 => vec![4, 4, 4, 4],
+            34 => vec![6, 8, 12, 6],
+            _ => return None,
+        };
+        Some(Self {
+            stem_width: 64,
+            widths: vec![64, 128, 256, 512],
+            blocks,
+            classes,
+        })
+    }
+
+    /// Deterministic random weights of this shape (uniform, He-scaled): for benchmarks and tests,
+    /// where speed does not depend on the values.
+    pub fn random_weights(&self, seed: u64) -> BTreeMap<String, crate::weights::pth::HostTensor> {
+        let mut state = seed | 1;
+        let mut next = move || {
+            // xorshift64: cheap and reproducible.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        self.expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| {
+                let fan_in = shape[1..].iter().product::<usize>().max(1);
+                let scale = (12.0 / fan_in as f32).sqrt();
+                let data = (0..shape.iter().product::<usize>())
+                    .map(|_| next() * scale)
+                    .collect();
+                (name, crate::weights::pth::HostTensor { shape, data })
+            })
+            .collect()
+    }
+
     /// Infers the architecture from folded tensor names and shapes, and checks that every
     /// tensor is there with the right shape and nothing else is.
     pub fn from_shapes(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, ModelError> {

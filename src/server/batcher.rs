@@ -4,20 +4,24 @@
 //! handlers ──submit()──▶ [queue: unbounded channel, admission bounded by a semaphore]
 //!                              │
 //!                  batching task (tokio) — waits until the compute thread is free, then takes
-//!                  what is queued up to max_batch_size; if fewer, waits at most
-//!                  max_batch_delay for more (dispatching at once when the batch fills);
+//!                  what is queued up to max_batch_size; if fewer and more images are on
+//!                  their way (announced, still being decoded), waits at most
+//!                  max_batch_delay for them (dispatching at once when the batch fills);
 //!                  skips jobs whose client left and fails jobs past their deadline
 //!                              │ one batch at a time
 //!                  compute thread (std::thread) — candle forward pass, then answers each
 //!                  job through its own oneshot
 //! ```
 //!
-//! The semantics are Triton's dynamic batcher with `max_queue_delay`: a full queue is refused at
-//! once (the caller answers 429), a job still queued at its deadline is never computed (503).
+//! The semantics are Triton's dynamic batcher with `max_queue_delay`, with one refinement: the
+//! delay is only spent when a request is known to be coming (a handler [`Batcher::announce`]s
+//! images before decoding them), so a lone request never waits for company that cannot arrive.
+//! A full queue is refused at once (the caller answers 429); a job still queued at its deadline is
+//! never computed (503).
 
 use std::{
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -83,21 +87,35 @@ const TAKEN: u8 = 1;
 const EXPIRED: u8 = 2;
 
 /// A job's place in its life: queued, taken into a batch, or expired. Whoever moves it out of
-/// `QUEUED` first decides: the batcher (it computes) or the waiting caller (it answers 503).
-#[derive(Debug, Default)]
-struct JobState(AtomicU8);
+/// `QUEUED` first decides: the batcher (it computes) or the waiting caller (it answers 503, or
+/// left). Either way the job's queue slot (`permit`) is released at that moment, so dead jobs do
+/// not hold capacity while the model is busy.
+#[derive(Debug)]
+struct JobState {
+    phase: AtomicU8,
+    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+}
 
 impl JobState {
+    fn leave_queue(&self, to: u8) -> bool {
+        let won = self
+            .phase
+            .compare_exchange(QUEUED, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if won {
+            if let Ok(mut p) = self.permit.lock() {
+                p.take();
+            }
+        }
+        won
+    }
+
     fn take(&self) -> bool {
-        self.0
-            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.leave_queue(TAKEN)
     }
 
     fn expire(&self) -> bool {
-        self.0
-            .compare_exchange(QUEUED, EXPIRED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.leave_queue(EXPIRED)
     }
 }
 
@@ -107,8 +125,6 @@ struct Job {
     deadline: Instant,
     state: Arc<JobState>,
     reply: oneshot::Sender<Result<JobOutput, JobError>>,
-    /// Held while the job is queued: the queue's capacity.
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// A submitted image, to be awaited with [`Ticket::wait`].
@@ -123,7 +139,12 @@ impl Ticket {
     /// Waits for the result. At the deadline a job still queued is withdrawn (it will never be
     /// computed) and `Timeout` returned; a job already in a batch is waited for.
     pub async fn wait(mut self) -> Result<JobOutput, JobError> {
-        let gone = || JobError::ShuttingDown(self.model.clone());
+        let gone = || {
+            JobError::Inference(format!(
+                "the compute thread of model {} stopped",
+                self.model
+            ))
+        };
         match tokio::time::timeout_at(self.deadline.into(), &mut self.rx).await {
             Ok(r) => r.unwrap_or_else(|_| Err(gone())),
             Err(_) if self.state.expire() => Err(JobError::Timeout(self.model.clone())),
@@ -132,11 +153,31 @@ impl Ticket {
     }
 }
 
+/// Images announced but not yet submitted, while the guard lives.
+pub struct Announced {
+    incoming: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        self.incoming.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Ticket {
+    /// A caller that stops waiting (client gone) frees the job's queue slot at once.
+    fn drop(&mut self) {
+        self.state.expire();
+    }
+}
+
 /// The submission side of one model's batcher. Cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
     model: String,
     tx: mpsc::UnboundedSender<Job>,
+    incoming: Arc<AtomicUsize>,
     admission: Arc<Semaphore>,
     config: BatchConfig,
     observer: Arc<dyn BatchObserver>,
@@ -154,15 +195,19 @@ impl Batcher {
         let (ready_tx, ready_rx) = mpsc::channel::<()>(1);
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Job>>(1);
         let admission = Arc::new(Semaphore::new(config.max_queue));
+        let incoming = Arc::new(AtomicUsize::new(0));
         let model = classifier.name.clone();
         tokio::spawn(batching_task(
-            model.clone(),
+            Lane {
+                model: model.clone(),
+                config,
+                observer: observer.clone(),
+                admission: admission.clone(),
+                incoming: incoming.clone(),
+            },
             rx,
             ready_rx,
             batch_tx,
-            config,
-            observer.clone(),
-            admission.clone(),
         ));
         let obs = observer.clone();
         std::thread::Builder::new()
@@ -172,6 +217,7 @@ impl Batcher {
         Self {
             model,
             tx,
+            incoming,
             admission,
             config,
             observer,
@@ -186,6 +232,16 @@ impl Batcher {
     /// Images waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.config.max_queue - self.admission.available_permits()
+    }
+
+    /// Tells the batcher that `n` images are on their way (being decoded) until the guard drops:
+    /// a batch that is not full waits for them, up to `max_batch_delay`.
+    pub fn announce(&self, n: usize) -> Announced {
+        self.incoming.fetch_add(n, Ordering::AcqRel);
+        Announced {
+            incoming: self.incoming.clone(),
+            n,
+        }
     }
 
     /// Queues `inputs` (normalised images) all or nothing: if the queue cannot take them all,
@@ -209,14 +265,16 @@ impl Batcher {
         let mut tickets = Vec::with_capacity(inputs.len());
         for input in inputs {
             let (reply, rx) = oneshot::channel();
-            let state = Arc::new(JobState::default());
+            let state = Arc::new(JobState {
+                phase: AtomicU8::new(QUEUED),
+                permit: std::sync::Mutex::new(permit.split(1)),
+            });
             let job = Job {
                 input,
                 submitted,
                 deadline,
                 state: state.clone(),
                 reply,
-                permit: permit.split(1),
             };
             if self.tx.send(job).is_err() {
                 return Err(JobError::ShuttingDown(self.model.clone()));
@@ -232,14 +290,18 @@ impl Batcher {
         Ok(tickets)
     }
 
-    /// Submits `inputs` and waits for all of them (see [`Ticket::wait`]), in input order.
+    /// Submits `inputs`, ends their announcement (now that they are queued), and waits for all
+    /// of them (see [`Ticket::wait`]), in input order.
     pub async fn run(
         &self,
         inputs: Vec<Vec<f32>>,
         deadline: Instant,
+        announced: Announced,
     ) -> Result<Vec<JobOutput>, JobError> {
-        let mut outputs = Vec::with_capacity(inputs.len());
-        for ticket in self.submit(inputs, deadline)? {
+        let tickets = self.submit(inputs, deadline);
+        drop(announced);
+        let mut outputs = Vec::new();
+        for ticket in tickets? {
             outputs.push(ticket.wait().await?);
         }
         Ok(outputs)
@@ -251,12 +313,12 @@ impl Batcher {
     }
 }
 
-/// Keeps a job for the batch if it is still wanted; otherwise answers or drops it. A kept job
-/// leaves the queue: its admission permit is released.
-fn admit(mut job: Job, model: &str, observer: &dyn BatchObserver) -> Option<Job> {
-    job.permit = None;
+/// Keeps a job for the batch if it is still wanted; otherwise answers or drops it.
+fn admit(job: Job, model: &str, observer: &dyn BatchObserver) -> Option<Job> {
     if job.reply.is_closed() {
-        observer.abandoned();
+        if job.state.expire() {
+            observer.abandoned();
+        }
         return None;
     }
     if Instant::now() >= job.deadline {
@@ -272,15 +334,28 @@ fn admit(mut job: Job, model: &str, observer: &dyn BatchObserver) -> Option<Job>
     Some(job)
 }
 
-async fn batching_task(
+/// What the batching task shares with the submission side.
+struct Lane {
     model: String,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    mut ready_rx: mpsc::Receiver<()>,
-    batch_tx: mpsc::Sender<Vec<Job>>,
     config: BatchConfig,
     observer: Arc<dyn BatchObserver>,
     admission: Arc<Semaphore>,
+    incoming: Arc<AtomicUsize>,
+}
+
+async fn batching_task(
+    lane: Lane,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut ready_rx: mpsc::Receiver<()>,
+    batch_tx: mpsc::Sender<Vec<Job>>,
 ) {
+    let Lane {
+        model,
+        config,
+        observer,
+        admission,
+        incoming,
+    } = lane;
     let report_depth = || observer.queue_depth(config.max_queue - admission.available_permits());
     // Each round starts when the compute thread says it is free.
     while ready_rx.recv().await.is_some() {
@@ -292,16 +367,20 @@ async fn batching_task(
                 None => return, // closed and drained
             }
         }
-        // Whatever else is queued, up to the batch size.
-        while batch.len() < config.max_batch_size {
-            match rx.try_recv() {
-                Ok(job) => batch.extend(admit(job, &model, &*observer)),
-                Err(_) => break,
-            }
-        }
-        // Not full: wait at most max_batch_delay for more, dispatching as soon as it fills.
+        // Whatever else is queued, up to the batch size; then, if not full and more images are
+        // on their way (announced, still being decoded), wait at most max_batch_delay for them,
+        // dispatching as soon as the batch fills.
         let until = tokio::time::Instant::now() + config.max_batch_delay;
-        while batch.len() < config.max_batch_size {
+        loop {
+            while batch.len() < config.max_batch_size {
+                match rx.try_recv() {
+                    Ok(job) => batch.extend(admit(job, &model, &*observer)),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() >= config.max_batch_size || incoming.load(Ordering::SeqCst) == 0 {
+                break;
+            }
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(job)) => batch.extend(admit(job, &model, &*observer)),
                 Ok(None) | Err(_) => break,
@@ -329,13 +408,22 @@ fn compute_thread(
         };
         let started = Instant::now();
         let inputs: Vec<&[f32]> = batch.iter().map(|j| j.input.as_slice()).collect();
-        let result = classifier.logits(&inputs);
+        // A panic inside candle must not kill the model: it becomes a 500 for this batch.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classifier.logits(&inputs)))
+                .map_err(|p| {
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic in the forward pass".into())
+                })
+                .and_then(|r| r.map_err(|e| e.to_string()));
         let inference = started.elapsed();
         let queue_times: Vec<Duration> = batch.iter().map(|j| started - j.submitted).collect();
-        observer.batch_done(batch.len(), inference, &queue_times);
         let size = batch.len();
         match result {
-            Ok(rows) => {
+            Ok(rows) if rows.len() == size => {
+                observer.batch_done(size, inference, &queue_times);
                 for ((job, logits), queue_time) in batch.into_iter().zip(rows).zip(queue_times) {
                     let _ = job.reply.send(Ok(JobOutput {
                         logits,
@@ -345,10 +433,14 @@ fn compute_thread(
                     }));
                 }
             }
-            Err(e) => {
+            other => {
+                let e = match other {
+                    Ok(rows) => format!("{} rows of logits for a batch of {size}", rows.len()),
+                    Err(e) => e,
+                };
                 tracing::error!(model = %classifier.name, error = %e, "inference failed");
                 for job in batch {
-                    let _ = job.reply.send(Err(JobError::Inference(e.to_string())));
+                    let _ = job.reply.send(Err(JobError::Inference(e.clone())));
                 }
             }
         }

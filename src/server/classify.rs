@@ -15,7 +15,7 @@ use std::{
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, Multipart, Path, Query, Request, State},
+    extract::{rejection::QueryRejection, FromRequest, Multipart, Path, Query, Request, State},
     http::{header, HeaderMap, HeaderValue},
     response::{IntoResponse, Response},
     Json,
@@ -136,7 +136,7 @@ struct Parsed {
 )]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<ClassifyQuery>,
+    query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
     handle(state, None, query, request, "/classify").await
@@ -165,7 +165,7 @@ pub async fn classify(
 pub async fn classify_model(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    Query(query): Query<ClassifyQuery>,
+    query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
     handle(state, Some(name), query, request, "/models/{name}/classify").await
@@ -174,27 +174,32 @@ pub async fn classify_model(
 async fn handle(
     state: Arc<AppState>,
     path_model: Option<String>,
-    query: ClassifyQuery,
+    query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
     route: &'static str,
 ) -> Response {
     let arrived = Instant::now();
     let deadline = arrived + state.config.request_timeout;
-    let mut model_label = path_model
-        .clone()
-        .or_else(|| query.model.clone())
-        .unwrap_or_default();
+    // Only a served model's name becomes a metric label (client input must not mint series).
+    let mut model_label = String::new();
     let result = async {
         let Some(_guard) = state.begin_inference() else {
             return Err(ApiError::shutting_down());
         };
+        let Query(query) = query
+            .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
         let models = state.models().ok_or_else(ApiError::not_ready)?;
-        let parsed = parse(request, state.config.max_body_bytes).await?;
+        let parsed = parse(
+            request,
+            state.config.max_body_bytes,
+            state.config.batch.max_queue,
+        )
+        .await?;
         let wanted = path_model.or(query.model).or(parsed.model.clone());
         let served = find_model(models, wanted.as_deref())?;
         model_label = served.classifier.name.clone();
         let classes = served.classifier.classes();
-        let top_k = query.top_k.or(parsed.top_k).unwrap_or(5);
+        let top_k = query.top_k.or(parsed.top_k).unwrap_or(5.min(classes));
         if top_k == 0 || top_k > classes {
             return Err(ApiError::bad_request(format!(
                 "top_k must be between 1 and {classes} (the class count)"
@@ -202,6 +207,7 @@ async fn handle(
         }
         let max_pixels = state.config.max_pixels;
         let images = parsed.images;
+        let announced = served.batcher.announce(images.len());
         let inputs = tokio::task::spawn_blocking(move || {
             images
                 .iter()
@@ -210,7 +216,7 @@ async fn handle(
         })
         .await
         .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))??;
-        let outputs = served.batcher.run(inputs, deadline).await?;
+        let outputs = served.batcher.run(inputs, deadline, announced).await?;
         let queue = outputs
             .iter()
             .map(|o| o.queue_time)
@@ -298,7 +304,7 @@ pub fn find_model<'a>(
 }
 
 /// Reads the images out of a request according to its content type.
-async fn parse(request: Request, max_body: usize) -> Result<Parsed, ApiError> {
+async fn parse(request: Request, max_body: usize, max_images: usize) -> Result<Parsed, ApiError> {
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -317,6 +323,9 @@ async fn parse(request: Request, max_body: usize) -> Result<Parsed, ApiError> {
             .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
         let (images, many) = match (json.image, json.images) {
             (Some(one), None) => (vec![decode_base64(&one, 0)?], false),
+            (None, Some(list)) if list.len() > max_images => {
+                return Err(ApiError::too_many_images(list.len(), max_images))
+            }
             (None, Some(list)) if !list.is_empty() => (
                 list.iter()
                     .enumerate()
@@ -343,7 +352,7 @@ async fn parse(request: Request, max_body: usize) -> Result<Parsed, ApiError> {
             model: json.model,
         })
     } else if essence == "multipart/form-data" {
-        parse_multipart(request).await
+        parse_multipart(request, max_images).await
     } else if essence.starts_with("image/") || essence == "application/octet-stream" {
         let body = read_body(request, max_body).await?;
         if body.is_empty() {
@@ -380,7 +389,7 @@ fn body_error(status: u16, text: String, max_body: usize) -> ApiError {
     }
 }
 
-async fn parse_multipart(request: Request) -> Result<Parsed, ApiError> {
+async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, ApiError> {
     let mut mp = Multipart::from_request(request, &()).await.map_err(|e| {
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
     })?;
@@ -406,6 +415,9 @@ async fn parse_multipart(request: Request) -> Result<Parsed, ApiError> {
                 })?);
             }
             "model" if !is_file => model = Some(String::from_utf8_lossy(&data).trim().to_string()),
+            _ if images.len() == max_images => {
+                return Err(ApiError::too_many_images(images.len() + 1, max_images))
+            }
             _ => images.push(data),
         }
     }

@@ -65,6 +65,15 @@ impl ApiError {
         )
     }
 
+    /// 413: more images in one request than the queue can ever hold.
+    pub fn too_many_images(n: usize, max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_images",
+            format!("{n} images in one request; at most {max} (the queue size)"),
+        )
+    }
+
     /// 415: content type we do not take.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(

@@ -238,12 +238,15 @@ pub async fn infer(
 ) -> Response {
     let arrived = Instant::now();
     let route = "/v2/models/{name}/infer";
+    // Only a served model's name becomes a metric label (client input must not mint series).
+    let mut label = String::new();
     let result = async {
         let Some(_guard) = state.begin_inference() else {
             return Err(ApiError::shutting_down());
         };
         let models = state.models().ok_or_else(ApiError::not_ready)?;
         let served = find_model(models, Some(&name))?;
+        label = served.classifier.name.clone();
         let body = body.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::too_large(state.config.max_body_bytes)
@@ -260,10 +263,15 @@ pub async fn infer(
             )));
         };
         let outputs = requested_outputs(&request, served.classifier.classes())?;
-        let images = inputs_from_tensor(input, state.config.max_pixels).await?;
+        let n = input
+            .shape
+            .first()
+            .map_or(1, |&n| n.clamp(1, 4096) as usize);
+        let announced = served.batcher.announce(n);
+        let images = inputs_from_tensor(input, &state.config).await?;
         let n = images.len();
         let deadline = arrived + state.config.request_timeout;
-        let results = served.batcher.run(images, deadline).await?;
+        let results = served.batcher.run(images, deadline, announced).await?;
         let classes = served.classifier.classes();
         let logits: Vec<Vec<f32>> = results.into_iter().map(|o| o.logits).collect();
         let labels = served.classifier.labels.as_ref();
@@ -307,17 +315,17 @@ pub async fn infer(
         Ok(body) => {
             state
                 .metrics
-                .request_duration(&name, route, arrived.elapsed());
+                .request_duration(&label, route, arrived.elapsed());
             Json(body).into_response()
         }
         Err(e) => {
             if let Some(reason) = e.reject_reason() {
-                state.metrics.rejected(&name, reason);
+                state.metrics.rejected(&label, reason);
             }
             e.into_response()
         }
     };
-    response.extensions_mut().insert(ModelLabel(name));
+    response.extensions_mut().insert(ModelLabel(label));
     response
 }
 
@@ -368,9 +376,10 @@ fn classification(row: &[f32], k: usize, labels: Option<&crate::registry::Labels
 /// The images of the one input: FP32 rows as they are, BYTES decoded and preprocessed.
 async fn inputs_from_tensor(
     input: &RequestInput,
-    max_pixels: u64,
+    config: &super::ServeConfig,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
     let per = 3 * INPUT_SIZE * INPUT_SIZE;
+    let (max_pixels, max_images) = (config.max_pixels, config.batch.max_queue);
     match input.datatype.as_str() {
         "FP32" => {
             let side = INPUT_SIZE as i64;
@@ -383,7 +392,11 @@ async fn inputs_from_tensor(
                     )))
                 }
             };
-            let mut flat = Vec::with_capacity(n * per);
+            if n > max_images {
+                return Err(ApiError::too_many_images(n, max_images));
+            }
+            // No preallocation from the claimed shape: the data decides what is allocated.
+            let mut flat = Vec::new();
             flatten_numbers(&input.data, &mut flat)?;
             if flat.len() != n * per {
                 return Err(ApiError::bad_request(format!(
@@ -401,8 +414,15 @@ async fn inputs_from_tensor(
                 Value::Array(a) => a.clone(),
                 other => vec![other.clone()],
             };
-            let expected = input.shape.iter().product::<i64>();
-            if items.is_empty() || expected != items.len() as i64 {
+            let expected =
+                input
+                    .shape
+                    .iter()
+                    .try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) });
+            if items.len() > max_images {
+                return Err(ApiError::too_many_images(items.len(), max_images));
+            }
+            if items.is_empty() || expected != Some(items.len() as i64) {
                 return Err(ApiError::bad_request(format!(
                     "BYTES input {:?} has {} elements but shape {:?}",
                     input.name,

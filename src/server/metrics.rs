@@ -143,6 +143,13 @@ impl Metrics {
         self.rejected.with_label_values(&[model, reason]).inc();
     }
 
+    /// Sets the queue-depth gauge of `model`.
+    pub fn set_queue_depth(&self, model: &str, depth: usize) {
+        self.queue_depth
+            .with_label_values(&[model])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
     /// Makes every per-model series exist from the start (at zero).
     pub fn init_model(&self, model: &str) {
         self.queue_depth.with_label_values(&[model]).set(0);
@@ -202,9 +209,6 @@ impl BatchObserver for ModelObserver {
     }
 
     fn queue_depth(&self, depth: usize) {
-        self.metrics
-            .queue_depth
-            .with_label_values(&[self.model.as_str()])
-            .set(depth as i64);
+        self.metrics.set_queue_depth(&self.model, depth);
     }
 }

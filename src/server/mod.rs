@@ -147,7 +147,7 @@ impl AppState {
 
     /// True once a shutdown signal arrived.
     pub fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Why the server is not ready, if it is not.
@@ -164,7 +164,7 @@ impl AppState {
     /// Marks an inference request in flight until the guard drops; refuses new ones while
     /// shutting down.
     pub fn begin_inference(self: &Arc<Self>) -> Option<InflightGuard> {
-        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.inflight.fetch_add(1, Ordering::SeqCst);
         let guard = InflightGuard(self.clone());
         // Checked after counting, so the drain never misses a request that got past here.
         (!self.shutting_down()).then_some(guard)
@@ -176,7 +176,7 @@ pub struct InflightGuard(Arc<AppState>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.drained.notify_waiters();
         }
     }
@@ -227,12 +227,12 @@ pub async fn run(
 
     // Drain.
     tracing::info!("shutdown signal received: draining");
-    state.shutting_down.store(true, Ordering::Release);
+    state.shutting_down.store(true, Ordering::SeqCst);
     let timeout = state.config.shutdown_timeout;
     let drain = async {
         loop {
             let notified = state.drained.notified();
-            if state.inflight.load(Ordering::Acquire) == 0 {
+            if state.inflight.load(Ordering::SeqCst) == 0 {
                 break;
             }
             notified.await;

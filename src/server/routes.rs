@@ -379,6 +379,12 @@ pub async fn models_v1(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses(
     (status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Queue depths are read at scrape time, exactly.
+    for m in state.models().unwrap_or_default() {
+        state
+            .metrics
+            .set_queue_depth(&m.classifier.name, m.batcher.queue_depth());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -1,0 +1,246 @@
+//! HTTP load benchmark: `diracnet serve` img/s and latency at concurrency 1, 8 and 32, next to
+//! the raw model's img/s at batch 1, 8 and 32, on DiracNet-sized random weights (speed does not
+//! depend on the values). Everything runs in this process on 127.0.0.1.
+//!
+//! ```sh
+//! cargo run --release --example load                     # DiracNet-18, 10 s per point
+//! cargo run --release --example load -- --depth 34 --seconds 20 --image my.jpg
+//! ```
+//!
+//! Goals (issue "Serving"): served img/s at concurrency 32 ≥ 90 % of the raw rate at batch 32;
+//! p50 latency at concurrency 1 ≤ raw batch-1 latency + 2 ms.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use candle_core::{Device, Tensor};
+use diracnet::{
+    device::DeviceSpec,
+    model::{Architecture, DiracNet, INPUT_SIZE},
+    registry::{ModelSpec, Registry},
+    server::{self, batcher::BatchConfig, ServeConfig},
+    weights::{cache::CacheLayout, convert::write_safetensors, WeightsOptions},
+};
+
+struct Args {
+    depth: usize,
+    seconds: f64,
+    image: PathBuf,
+    max_batch: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        depth: 18,
+        seconds: 10.0,
+        image: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/images/chelsea.jpg"
+        )),
+        max_batch: 32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--depth" => a.depth = value().parse().expect("--depth 18|34"),
+            "--seconds" => a.seconds = value().parse().expect("--seconds S"),
+            "--image" => a.image = PathBuf::from(value()),
+            "--max-batch-size" => a.max_batch = value().parse().expect("--max-batch-size N"),
+            other => panic!("unknown flag {other}; see the doc comment of bench/load.rs"),
+        }
+    }
+    a
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Median img/s and median seconds per forward pass at batch `b`.
+fn raw(model: &DiracNet, b: usize, seconds: f64) -> (f64, f64) {
+    let x = Tensor::randn(0f32, 1.0, (b, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu).unwrap();
+    for _ in 0..2 {
+        model.forward(&x).unwrap();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        model.forward(&x).unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    (b as f64 / med, med)
+}
+
+struct Load {
+    img_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+}
+
+async fn load(url: &str, body: Arc<Vec<u8>>, concurrency: usize, seconds: f64) -> Load {
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+            tokio::spawn(async move {
+                let (mut lat, mut errors) = (Vec::new(), 0);
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "image/jpeg")
+                        .body(body.to_vec())
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            lat.push(t.elapsed());
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for w in workers {
+        let (l, e) = w.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    Load {
+        img_per_s: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        errors,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let arch = Architecture::imagenet(a.depth, 1000).expect("--depth 18 or 34");
+    let weights = arch.random_weights(42);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("random{}.safetensors", a.depth));
+    write_safetensors(&path, &weights, Default::default()).unwrap();
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "DiracNet-{} random weights, CPU, {threads} threads, {} s per point, image {}",
+        a.depth,
+        a.seconds,
+        a.image.display()
+    );
+
+    // Raw model.
+    let model = DiracNet::load(&path, &Device::Cpu).unwrap();
+    let mut raw_rates = Vec::new();
+    for b in [1, 8, 32] {
+        let (rate, secs) = raw(&model, b, a.seconds);
+        println!(
+            "raw   batch {b:>2}: {rate:7.1} img/s  ({:.1} ms per pass)",
+            secs * 1e3
+        );
+        raw_rates.push((b, rate, secs));
+    }
+    drop(model);
+
+    // Served.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spec = ModelSpec::parse(
+        &format!("dn={}", path.display()),
+        &Registry::builtin().unwrap(),
+    )
+    .unwrap();
+    let config = ServeConfig {
+        models: vec![spec],
+        weights: WeightsOptions {
+            cache: CacheLayout {
+                root: dir.path().join("cache"),
+            },
+            offline: true,
+            progress: false,
+            torch_hub_dir: None,
+        },
+        device: DeviceSpec::Cpu,
+        batch: BatchConfig {
+            max_batch_size: a.max_batch,
+            max_batch_delay: Duration::from_millis(2),
+            max_queue: 1024,
+        },
+        request_timeout: Duration::from_secs(120),
+        max_body_bytes: 64 << 20,
+        max_pixels: 50_000_000,
+        cors_origins: vec![],
+        api_key: None,
+        shutdown_timeout: Duration::from_secs(60),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    while !client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = Arc::new(std::fs::read(&a.image).expect("--image file"));
+    let url = format!("http://{addr}/classify");
+    let _ = load(&url, body.clone(), 4, 2.0).await; // warm the connection pool and caches
+    let mut served = Vec::new();
+    for c in [1, 8, 32] {
+        let r = load(&url, body.clone(), c, a.seconds).await;
+        println!(
+            "served conc. {c:>2}: {:7.1} img/s  p50 {:6.1} ms  p99 {:6.1} ms  errors {}",
+            r.img_per_s,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+            r.errors
+        );
+        served.push((c, r));
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+
+    let raw32 = raw_rates[2].1;
+    let raw1_ms = raw_rates[0].2 * 1e3;
+    let s32 = served[2].1.img_per_s;
+    let p50_1 = served[0].1.p50.as_secs_f64() * 1e3;
+    println!(
+        "goal 1: served c32 / raw b32 = {:.1} % (goal ≥ 90 %) {}",
+        100.0 * s32 / raw32,
+        if s32 >= 0.9 * raw32 { "MET" } else { "NOT MET" }
+    );
+    println!(
+        "goal 2: served c1 p50 {p50_1:.1} ms vs raw b1 {raw1_ms:.1} ms + 2 ms (goal ≤ {:.1} ms) {}",
+        raw1_ms + 2.0,
+        if p50_1 <= raw1_ms + 2.0 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+}
