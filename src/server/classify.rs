@@ -256,26 +256,13 @@ async fn handle(
     }
     .await;
 
-    let mut response = match result {
-        Ok((body, queue, infer)) => {
-            let mut r = Json(body).into_response();
-            let h = r.headers_mut();
-            insert_ms(h, "x-queue-time-ms", queue);
-            insert_ms(h, "x-inference-time-ms", infer);
-            state
-                .metrics
-                .request_duration(&model_label, route, arrived.elapsed());
-            r
-        }
-        Err(e) => {
-            if let Some(reason) = e.reject_reason() {
-                state.metrics.rejected(&model_label, reason);
-            }
-            e.into_response()
-        }
-    };
-    response.extensions_mut().insert(ModelLabel(model_label));
-    response
+    let result = result.map(|(body, queue, infer)| {
+        let mut r = Json(body).into_response();
+        insert_ms(r.headers_mut(), "x-queue-time-ms", queue);
+        insert_ms(r.headers_mut(), "x-inference-time-ms", infer);
+        r
+    });
+    state.finish_inference(model_label, route, arrived, result)
 }
 
 fn insert_ms(headers: &mut HeaderMap, name: &'static str, d: Duration) {

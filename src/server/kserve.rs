@@ -22,7 +22,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{classify::find_model, classify::ModelLabel, error::ApiError, AppState};
+use super::{classify::find_model, error::ApiError, AppState};
 use crate::{classify::softmax, model::INPUT_SIZE, preprocess};
 
 /// `GET /v2` body.
@@ -311,22 +311,8 @@ pub async fn infer(
         })
     }
     .await;
-    let mut response = match result {
-        Ok(body) => {
-            state
-                .metrics
-                .request_duration(&label, route, arrived.elapsed());
-            Json(body).into_response()
-        }
-        Err(e) => {
-            if let Some(reason) = e.reject_reason() {
-                state.metrics.rejected(&label, reason);
-            }
-            e.into_response()
-        }
-    };
-    response.extensions_mut().insert(ModelLabel(label));
-    response
+    let result = result.map(|body| Json(body).into_response());
+    state.finish_inference(label, route, arrived, result)
 }
 
 /// `(output name, classification k)` pairs; `logits` when none are requested.

@@ -169,6 +169,36 @@ impl AppState {
         // Checked after counting, so the drain never misses a request that got past here.
         (!self.shutting_down()).then_some(guard)
     }
+
+    /// Turns an inference route's outcome into its response: records the latency of a success
+    /// or the reason of a refusal, and labels the response with the served model for the
+    /// request counter.
+    pub fn finish_inference(
+        &self,
+        model: String,
+        route: &str,
+        arrived: Instant,
+        result: Result<axum::response::Response, error::ApiError>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let mut response = match result {
+            Ok(r) => {
+                self.metrics
+                    .request_duration(&model, route, arrived.elapsed());
+                r
+            }
+            Err(e) => {
+                if let Some(reason) = e.reject_reason() {
+                    self.metrics.rejected(&model, reason);
+                }
+                e.into_response()
+            }
+        };
+        response
+            .extensions_mut()
+            .insert(classify::ModelLabel(model));
+        response
+    }
 }
 
 /// Counts one inference request in flight.
