@@ -26,7 +26,7 @@ use serde::Serialize;
     name = "diracnet",
     version,
     about = "Image classification with the pretrained folded DiracNets (Zagoruyko & Komodakis, 2017) on candle",
-    after_help = "Examples:\n  diracnet classify cat.jpg\n  diracnet classify --model diracnet34 --top-k 3 --json a.jpg b.png\n  diracnet fetch --model diracnet18 --model diracnet34\n  diracnet convert diracnet18v2folded-a2174e15.pth dn18.safetensors\n  diracnet preprocess cat.jpg -o cat.npy\n\nEvery flag can also be set through the environment variable shown in its help."
+    after_help = "Examples:\n  diracnet serve --model diracnet18 --port 8080\n  diracnet classify cat.jpg\n  diracnet classify --model diracnet34 --top-k 3 --json a.jpg b.png\n  diracnet fetch --model diracnet18 --model diracnet34\n  diracnet convert diracnet18v2folded-a2174e15.pth dn18.safetensors\n  diracnet preprocess cat.jpg -o cat.npy\n\nEvery flag can also be set through the environment variable shown in its help."
 )]
 struct Cli {
     /// Log output format.
