@@ -431,7 +431,8 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-fn decode_base64(s: &str, index: usize) -> Result<Bytes, ApiError> {
+/// Decodes one base64 image (whitespace ignored; a `data:...;base64,` prefix accepted).
+pub(super) fn decode_base64(s: &str, index: usize) -> Result<Bytes, ApiError> {
     // Accept data URLs too: `data:image/png;base64,...`.
     let payload = match s.split_once(";base64,") {
         Some((prefix, rest)) if prefix.starts_with("data:") => rest,

@@ -18,11 +18,14 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{classify::find_model, error::ApiError, AppState};
+use super::{
+    classify::{decode_base64, find_model},
+    error::ApiError,
+    AppState,
+};
 use crate::{classify::softmax, model::INPUT_SIZE, preprocess};
 
 /// `GET /v2` body.
@@ -423,11 +426,7 @@ async fn inputs_from_tensor(
                         "BYTES element {i} is not a string (base64-encoded image)"
                     )));
                 };
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(s.trim())
-                    .map_err(|e| {
-                        ApiError::bad_request(format!("BYTES element {i}: malformed base64: {e}"))
-                    })?;
+                let bytes = decode_base64(s, i)?;
                 files.push(bytes);
             }
             tokio::task::spawn_blocking(move || {
