@@ -1,6 +1,7 @@
 //! HTTP load benchmark: `diracnet serve` img/s and latency at concurrency 1, 8 and 32, next to
 //! the raw model's img/s at batch 1, 8 and 32, on DiracNet-sized random weights (speed does not
-//! depend on the values). Everything runs in this process on 127.0.0.1.
+//! depend on the values). Everything runs in this process on 127.0.0.1; raw and served rounds
+//! alternate (3 rounds per point, `--seconds` split between them) so machine drift cancels.
 //!
 //! ```sh
 //! cargo run --release --example load                     # DiracNet-18, 10 s per point
@@ -64,12 +65,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Median img/s and median seconds per forward pass at batch `b`.
-fn raw(model: &DiracNet, b: usize, seconds: f64) -> (f64, f64) {
+/// Seconds per forward pass at batch `b`, every timed pass (at least 3, for `seconds`).
+fn raw(model: &DiracNet, b: usize, seconds: f64) -> Vec<f64> {
     let x = Tensor::randn(0f32, 1.0, (b, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu).unwrap();
-    for _ in 0..2 {
-        model.forward(&x).unwrap();
-    }
+    model.forward(&x).unwrap();
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < 3 || start.elapsed().as_secs_f64() < seconds {
@@ -77,15 +76,19 @@ fn raw(model: &DiracNet, b: usize, seconds: f64) -> (f64, f64) {
         model.forward(&x).unwrap();
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let med = times[times.len() / 2];
-    (b as f64 / med, med)
+    times
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 struct Load {
-    img_per_s: f64,
-    p50: Duration,
-    p99: Duration,
+    /// Latency of every answered request, sorted.
+    latencies: Vec<Duration>,
+    /// Wall time of the run, seconds.
+    elapsed: f64,
     errors: usize,
 }
 
@@ -127,9 +130,8 @@ async fn load(url: &str, body: Arc<Vec<u8>>, concurrency: usize, seconds: f64) -
     let elapsed = start.elapsed().as_secs_f64();
     all.sort();
     Load {
-        img_per_s: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
+        latencies: all,
+        elapsed,
         errors,
     }
 }
@@ -150,18 +152,8 @@ async fn main() {
         a.image.display()
     );
 
-    // Raw model.
+    // Raw model (kept loaded: raw and served rounds alternate below).
     let model = DiracNet::load(&path, &Device::Cpu).unwrap();
-    let mut raw_rates = Vec::new();
-    for b in [1, 8, 32] {
-        let (rate, secs) = raw(&model, b, a.seconds);
-        println!(
-            "raw   batch {b:>2}: {rate:7.1} img/s  ({:.1} ms per pass)",
-            secs * 1e3
-        );
-        raw_rates.push((b, rate, secs));
-    }
-    drop(model);
 
     // Served.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -210,25 +202,42 @@ async fn main() {
     let body = Arc::new(std::fs::read(&a.image).expect("--image file"));
     let url = format!("http://{addr}/classify");
     let _ = load(&url, body.clone(), 4, 2.0).await; // warm the connection pool and caches
-    let mut served = Vec::new();
-    for c in [1, 8, 32] {
-        let r = load(&url, body.clone(), c, a.seconds).await;
+
+    // Rounds alternate raw and served at each point (A B A B), so drift of this machine hits
+    // both sides alike; figures are medians over all rounds.
+    let rounds = 3;
+    let per_round = a.seconds / rounds as f64;
+    let mut table = Vec::new();
+    for (b, c) in [(1, 1), (8, 8), (32, 32)] {
+        let (mut raw_times, mut lat, mut served_imgs, mut served_secs, mut errors) =
+            (Vec::new(), Vec::new(), 0usize, 0f64, 0);
+        for _ in 0..rounds {
+            raw_times.extend(raw(&model, b, per_round));
+            let r = load(&url, body.clone(), c, per_round).await;
+            served_imgs += r.latencies.len();
+            served_secs += r.elapsed;
+            errors += r.errors;
+            lat.extend(r.latencies);
+        }
+        lat.sort();
+        let raw_pass = median(&mut raw_times);
+        let raw_rate = b as f64 / raw_pass;
+        let served_rate = served_imgs as f64 / served_secs.max(1e-9);
+        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         println!(
-            "served conc. {c:>2}: {:7.1} img/s  p50 {:6.1} ms  p99 {:6.1} ms  errors {}",
-            r.img_per_s,
-            r.p50.as_secs_f64() * 1e3,
-            r.p99.as_secs_f64() * 1e3,
-            r.errors
+            "batch/conc. {b:>2}: raw {raw_rate:7.1} img/s ({:.1} ms per pass) | served {served_rate:7.1} img/s, p50 {:.1} ms, p99 {:.1} ms, errors {errors}",
+            raw_pass * 1e3,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
         );
-        served.push((c, r));
+        table.push((raw_rate, raw_pass, served_rate, p50));
     }
     let _ = stop.send(());
     let _ = server.await;
 
-    let raw32 = raw_rates[2].1;
-    let raw1_ms = raw_rates[0].2 * 1e3;
-    let s32 = served[2].1.img_per_s;
-    let p50_1 = served[0].1.p50.as_secs_f64() * 1e3;
+    let (_, raw1_pass, _, p50_1) = table[0];
+    let (raw32, _, s32, _) = table[2];
+    let (raw1_ms, p50_1) = (raw1_pass * 1e3, p50_1.as_secs_f64() * 1e3);
     println!(
         "goal 1: served c32 / raw b32 = {:.1} % (goal ≥ 90 %) {}",
         100.0 * s32 / raw32,
