@@ -78,8 +78,6 @@ pub trait BatchObserver: Send + Sync + 'static {
     fn batch_done(&self, size: usize, inference: Duration, queue_times: &[Duration]);
     /// A job was dropped because its client went away.
     fn abandoned(&self);
-    /// The queue now holds `depth` images.
-    fn queue_depth(&self, depth: usize);
 }
 
 const QUEUED: u8 = 0;
@@ -180,7 +178,6 @@ pub struct Batcher {
     incoming: Arc<AtomicUsize>,
     admission: Arc<Semaphore>,
     config: BatchConfig,
-    observer: Arc<dyn BatchObserver>,
 }
 
 impl Batcher {
@@ -202,17 +199,15 @@ impl Batcher {
                 model: model.clone(),
                 config,
                 observer: observer.clone(),
-                admission: admission.clone(),
                 incoming: incoming.clone(),
             },
             rx,
             ready_rx,
             batch_tx,
         ));
-        let obs = observer.clone();
         std::thread::Builder::new()
             .name(format!("compute-{model}"))
-            .spawn(move || compute_thread(classifier, ready_tx, batch_rx, obs))
+            .spawn(move || compute_thread(classifier, ready_tx, batch_rx, observer))
             .expect("spawn compute thread");
         Self {
             model,
@@ -220,16 +215,10 @@ impl Batcher {
             incoming,
             admission,
             config,
-            observer,
         }
     }
 
-    /// The batching knobs.
-    pub fn config(&self) -> BatchConfig {
-        self.config
-    }
-
-    /// Images waiting in the queue.
+    /// Images waiting in the queue (the `diracnet_queue_depth` gauge, read at scrape time).
     pub fn queue_depth(&self) -> usize {
         self.config.max_queue - self.admission.available_permits()
     }
@@ -286,7 +275,6 @@ impl Batcher {
                 model: self.model.clone(),
             });
         }
-        self.observer.queue_depth(self.queue_depth());
         Ok(tickets)
     }
 
@@ -339,7 +327,6 @@ struct Lane {
     model: String,
     config: BatchConfig,
     observer: Arc<dyn BatchObserver>,
-    admission: Arc<Semaphore>,
     incoming: Arc<AtomicUsize>,
 }
 
@@ -353,10 +340,8 @@ async fn batching_task(
         model,
         config,
         observer,
-        admission,
         incoming,
     } = lane;
-    let report_depth = || observer.queue_depth(config.max_queue - admission.available_permits());
     // Each round starts when the compute thread says it is free.
     while ready_rx.recv().await.is_some() {
         let mut batch: Vec<Job> = Vec::with_capacity(config.max_batch_size);
@@ -386,7 +371,6 @@ async fn batching_task(
                 Ok(None) | Err(_) => break,
             }
         }
-        report_depth();
         if batch_tx.send(batch).await.is_err() {
             return;
         }

@@ -207,8 +207,4 @@ impl BatchObserver for ModelObserver {
     fn abandoned(&self) {
         tracing::debug!(model = %self.model, "dropped a queued image whose client went away");
     }
-
-    fn queue_depth(&self, depth: usize) {
-        self.metrics.set_queue_depth(&self.model, depth);
-    }
 }
