@@ -20,7 +20,7 @@ use std::{
 use candle_core::{Device, Tensor};
 use diracnet::{
     device::DeviceSpec,
-    model::{Architecture, DiracNet, INPUT_SIZE},
+    model::{Architecture, Backend, ConvImpl, DiracNet, Precision, INPUT_SIZE},
     registry::{ModelSpec, Registry},
     server::{self, batcher::BatchConfig, ServeConfig},
     weights::{cache::CacheLayout, convert::write_safetensors, WeightsOptions},
@@ -153,7 +153,7 @@ async fn main() {
     );
 
     // Raw model (kept loaded: raw and served rounds alternate below).
-    let model = DiracNet::load(&path, &Device::Cpu).unwrap();
+    let model = DiracNet::load(&path, &Backend::cpu()).unwrap();
 
     // Served.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -174,6 +174,8 @@ async fn main() {
             torch_hub_dir: None,
         },
         device: DeviceSpec::Cpu,
+        conv: ConvImpl::Auto,
+        precision: Precision::Auto,
         batch: BatchConfig {
             max_batch_size: a.max_batch,
             max_batch_delay: Duration::from_millis(2),

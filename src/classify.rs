@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::{
-    model::{DiracNet, ModelError, INPUT_SIZE},
+    model::{Backend, DiracNet, ModelError, INPUT_SIZE},
     registry::{Labels, ModelSpec},
     weights::{self, ResolvedWeights, WeightsError, WeightsOptions},
 };
@@ -78,16 +78,17 @@ pub enum LoadError {
 }
 
 impl Classifier {
-    /// Resolves the weights behind `spec` (download, convert, cache) and loads them on `device`.
+    /// Resolves the weights behind `spec` (download, convert, cache) and loads them on
+    /// `backend`.
     pub async fn load(
         spec: &ModelSpec,
         opts: &WeightsOptions,
-        device: &Device,
+        backend: &Backend,
     ) -> Result<Self, LoadError> {
         let weights = weights::resolve(spec, opts).await?;
         let path = weights.path.clone();
-        let dev = device.clone();
-        let model = tokio::task::spawn_blocking(move || DiracNet::load(&path, &dev))
+        let backend = backend.clone();
+        let model = tokio::task::spawn_blocking(move || DiracNet::load(&path, &backend))
             .await
             .map_err(|e| LoadError::Model {
                 path: weights.path.display().to_string(),

@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use diracnet::{
     classify::{Classifier, Prediction},
     device::{self, DeviceSpec},
-    model::{Architecture, DiracNet, INPUT_SIZE},
+    model::{Architecture, Backend, ConvImpl, DiracNet, Precision, INPUT_SIZE},
     npy, preprocess,
     registry::{ModelSpec, Registry},
     server,
@@ -36,6 +36,10 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax, e.g. `info`, `diracnet=debug`).
     #[arg(long, global = true, env = "DIRACNET_LOG", default_value = "info")]
     log: String,
+
+    /// CPU threads for inference [default: the available cores].
+    #[arg(long, global = true, env = "DIRACNET_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
 
     #[command(subcommand)]
     command: Command,
@@ -169,7 +173,7 @@ struct BenchArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     batch: u32,
-    /// Seconds to measure (at least 3 iterations run).
+    /// Seconds to measure (at least 5 iterations run).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Untimed iterations first.
@@ -203,6 +207,14 @@ struct ModelArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "DIRACNET_DEVICE", default_value = "auto")]
     device: DeviceSpec,
+    /// Convolutions: `fast` (CPU: NHWC, packed weights, Winograd 3×3), `candle` (candle's
+    /// conv2d, any device), or `auto` (fast on CPU, candle on CUDA).
+    #[arg(long, env = "DIRACNET_CONV_IMPL", default_value = "auto")]
+    conv_impl: ConvImpl,
+    /// Compute dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16. f16/bf16 need
+    /// `--conv-impl candle` on the CPU.
+    #[arg(long, env = "DIRACNET_DTYPE", default_value = "auto")]
+    dtype: Precision,
 }
 
 impl ModelArgs {
@@ -212,6 +224,15 @@ impl ModelArgs {
             .iter()
             .map(|m| Ok(ModelSpec::parse(m, &registry)?))
             .collect()
+    }
+
+    /// Opens the device and resolves the conv implementation and dtype for it.
+    fn backend(&self) -> Result<Backend> {
+        Ok(Backend::new(
+            self.device.open()?,
+            self.conv_impl,
+            self.dtype,
+        )?)
     }
 
     fn weights_options(&self) -> WeightsOptions {
@@ -226,6 +247,7 @@ impl ModelArgs {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
+    init_threads(cli.threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -236,6 +258,23 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Sizes the CPU thread pool that runs the model (the fast path's ops and candle's).
+fn init_threads(threads: Option<u32>) {
+    let n = threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |n| n as usize,
+    );
+    // candle's own CPU ops size their work by RAYON_NUM_THREADS. Set here, in `main`, before
+    // any other thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
+        tracing::warn!(error = %e, "could not size the thread pool");
     }
 }
 
@@ -282,6 +321,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         models: args.models.specs()?,
         weights: args.models.weights_options(),
         device: args.models.device,
+        conv: args.models.conv_impl,
+        precision: args.models.dtype,
         batch: server::batcher::BatchConfig {
             max_batch_size: args.max_batch_size as usize,
             max_batch_delay: Duration::from_secs_f64(args.max_batch_delay_ms / 1000.0),
@@ -366,7 +407,7 @@ async fn classify_cmd(
         bail!("--top-k must be at least 1");
     }
     let specs = args.specs()?;
-    let device = args.device.open()?;
+    let backend = args.backend()?;
     let opts = args.weights_options();
 
     // Inputs first: a bad image fails fast, before any download.
@@ -395,12 +436,14 @@ async fn classify_cmd(
     let mut results = Vec::new();
     for spec in &specs {
         let started = Instant::now();
-        let clf = Classifier::load(spec, &opts, &device)
+        let clf = Classifier::load(spec, &opts, &backend)
             .await
             .with_context(|| format!("model {}", spec.name))?;
         tracing::info!(
             model = %clf.name,
-            device = %device::describe(&device),
+            device = %device::describe(backend.device()),
+            conv = %backend.conv_description(),
+            dtype = backend.dtype_name(),
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
         );
@@ -449,7 +492,8 @@ async fn classify_cmd(
 }
 
 async fn bench(args: &BenchArgs) -> Result<()> {
-    let device = args.models.device.open()?;
+    let backend = args.models.backend()?;
+    let device = backend.device().clone();
     let Some(name) = args.models.models.first() else {
         bail!("--model is required");
     };
@@ -463,11 +507,11 @@ async fn bench(args: &BenchArgs) -> Result<()> {
                 .into_iter()
                 .map(|(k, t)| Ok((k, Tensor::from_vec(t.data, t.shape, &Device::Cpu)?)))
                 .collect::<Result<_>>()?;
-            DiracNet::from_tensors(&tensors, &device)?
+            DiracNet::from_tensors(&tensors, &backend)?
         }
         None => {
             let spec = ModelSpec::parse(name, &Registry::builtin()?)?;
-            Classifier::load(&spec, &args.models.weights_options(), &device)
+            Classifier::load(&spec, &args.models.weights_options(), &backend)
                 .await?
                 .model
         }
@@ -479,7 +523,7 @@ async fn bench(args: &BenchArgs) -> Result<()> {
     }
     let mut rates = Vec::new();
     let started = Instant::now();
-    while rates.len() < 3 || started.elapsed().as_secs_f64() < args.seconds {
+    while rates.len() < 5 || started.elapsed().as_secs_f64() < args.seconds {
         let t = Instant::now();
         model.forward(&x)?.to_device(&Device::Cpu)?;
         rates.push(b as f64 / t.elapsed().as_secs_f64());
@@ -489,8 +533,10 @@ async fn bench(args: &BenchArgs) -> Result<()> {
     let report = serde_json::json!({
         "model": name,
         "batch": b,
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": rayon::current_num_threads(),
         "device": device::describe(&device),
+        "conv_impl": backend.conv_description(),
+        "dtype": backend.dtype_name(),
         "img_per_s_median": median,
         "img_per_s_min": rates[0],
         "img_per_s_max": rates[rates.len() - 1],

@@ -248,3 +248,74 @@ fn bad_inputs_are_clear_errors() {
     ));
     assert!(e.contains("pixel"), "{e}");
 }
+
+#[test]
+fn bench_reports_threads_conv_impl_and_dtype_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
+    for (conv, expect) in [("fast", "fast (winograd f4x4, "), ("candle", "candle")] {
+        let out = ok(&diracnet(
+            &[
+                "--threads",
+                "1",
+                "bench",
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+                "--seconds",
+                "0",
+                "--warmup",
+                "0",
+                "--json",
+                "--conv-impl",
+                conv,
+            ],
+            dir.path(),
+        ));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["threads"], 1, "{v}");
+        assert_eq!(v["batch"], 2, "{v}");
+        assert_eq!(v["dtype"], "f32", "{v}");
+        assert!(v["conv_impl"].as_str().unwrap().starts_with(expect), "{v}");
+        assert!(v["iterations"].as_u64().unwrap() >= 5, "{v}");
+        assert!(v["img_per_s_median"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}
+
+#[test]
+fn impossible_backends_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
+    let base = [
+        "bench",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--seconds",
+        "0",
+    ];
+    let e = fails(&diracnet(
+        &[&base[..], &["--dtype", "f16", "--conv-impl", "fast"]].concat(),
+        dir.path(),
+    ));
+    assert!(e.contains("--conv-impl candle"), "{e}");
+    let e = fails(&diracnet(
+        &[&base[..], &["--dtype", "bf16"]].concat(),
+        dir.path(),
+    ));
+    assert!(e.contains("CUDA"), "{e}");
+    let out = Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(base)
+        .env("DIRACNET_CONV_IMPL", "winograd")
+        .env("DIRACNET_CACHE", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, fast or candle"));
+}

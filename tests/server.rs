@@ -13,7 +13,7 @@ use std::{
 use base64::Engine;
 use diracnet::{
     device::DeviceSpec,
-    model::Architecture,
+    model::{Architecture, ConvImpl, Precision},
     npy,
     registry::{ModelSpec, Registry},
     server::{self, batcher::BatchConfig, ServeConfig},
@@ -67,6 +67,8 @@ fn config(models: &[&str], cache: &Path) -> ServeConfig {
             torch_hub_dir: None,
         },
         device: DeviceSpec::Cpu,
+        conv: ConvImpl::Auto,
+        precision: Precision::Auto,
         batch: BatchConfig {
             max_batch_size: 32,
             max_batch_delay: Duration::from_millis(2),

@@ -8,7 +8,7 @@ use std::{
 use candle_core::{Device, Tensor};
 use diracnet::{
     classify::top_k,
-    model::DiracNet,
+    model::{Backend, ConvImpl, DiracNet, Precision},
     npy,
     registry::{ModelSpec, Registry},
     weights::{
@@ -123,7 +123,15 @@ struct Parity {
     max_logit: f32,
 }
 
-fn logits_parity(model_file: &Path, logits_file: &str) -> Parity {
+/// Parity of both conv implementations (fast CPU path and candle's conv2d) with PyTorch.
+fn logits_parity(model_file: &Path, logits_file: &str) -> Vec<Parity> {
+    [ConvImpl::Fast, ConvImpl::Candle]
+        .into_iter()
+        .map(|conv| logits_parity_with(model_file, logits_file, conv))
+        .collect()
+}
+
+fn logits_parity_with(model_file: &Path, logits_file: &str, conv: ConvImpl) -> Parity {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.safetensors");
     convert::convert_pth(
@@ -135,7 +143,9 @@ fn logits_parity(model_file: &Path, logits_file: &str) -> Parity {
         },
     )
     .unwrap();
-    let net = DiracNet::load(&out, &Device::Cpu).unwrap();
+    let backend = Backend::new(Device::Cpu, conv, Precision::F32).unwrap();
+    let net = DiracNet::load(&out, &backend).unwrap();
+    assert_eq!(net.backend().conv(), conv);
     let inputs = npy::read_f32(&fixture("reference/inputs.npy")).unwrap();
     let want = npy::read_f32(&fixture(logits_file)).unwrap();
     let x = Tensor::from_vec(inputs.data.clone(), inputs.shape.clone(), &Device::Cpu).unwrap();
@@ -157,7 +167,7 @@ fn logits_parity(model_file: &Path, logits_file: &str) -> Parity {
         assert_eq!(ours, theirs, "top-5 differs");
     }
     println!(
-        "{logits_file}: max |Δlogit| = {:e}, max |logit| = {}, ratio = {:e}",
+        "{logits_file} ({conv}): max |Δlogit| = {:e}, max |logit| = {}, ratio = {:e}",
         p.max_abs,
         p.max_logit,
         p.max_abs / p.max_logit
@@ -172,18 +182,20 @@ fn folded_logits_match_pytorch() {
         "models/dn18w16_legacy.pth",
         "models/dn18w16_v03.pth",
     ] {
-        let p = logits_parity(&fixture(file), "reference/dn18w16_logits.npy");
-        assert!(p.max_abs <= 1e-4 * p.max_logit, "{file}");
+        for p in logits_parity(&fixture(file), "reference/dn18w16_logits.npy") {
+            assert!(p.max_abs <= 1e-4 * p.max_logit, "{file}");
+        }
     }
 }
 
 #[test]
 fn unfolded_logits_match_the_seeds_unfolded_forward() {
-    let p = logits_parity(
+    for p in logits_parity(
         &fixture("models/dn34c10_checkpoint.pth"),
         "reference/dn34c10_logits.npy",
-    );
-    assert!(p.max_abs <= 1e-4 * p.max_logit);
+    ) {
+        assert!(p.max_abs <= 1e-4 * p.max_logit);
+    }
 }
 
 #[test]

@@ -37,7 +37,7 @@ use tokio::{net::TcpListener, sync::Notify};
 use crate::{
     classify::{Classifier, LoadError},
     device::{self, DeviceError, DeviceSpec},
-    model::INPUT_SIZE,
+    model::{Backend, ConvImpl, ModelError, Precision, INPUT_SIZE},
     registry::ModelSpec,
     weights::WeightsOptions,
 };
@@ -53,6 +53,10 @@ pub struct ServeConfig {
     pub weights: WeightsOptions,
     /// Where the models run.
     pub device: DeviceSpec,
+    /// How the convolutions run (`auto`: fast on CPU, candle on CUDA).
+    pub conv: ConvImpl,
+    /// Compute dtype (`auto`: f16 on CUDA, f32 on CPU).
+    pub precision: Precision,
     /// Batching knobs (shared by every model).
     pub batch: BatchConfig,
     /// Deadline of an inference request, from its arrival.
@@ -75,6 +79,9 @@ pub enum ServeError {
     /// The device could not be opened.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The device, conv implementation and dtype do not go together.
+    #[error(transparent)]
+    Backend(#[from] ModelError),
     /// A model could not be loaded.
     #[error("model {name}: {source}")]
     Load {
@@ -287,15 +294,24 @@ pub async fn run(
 async fn load_models(state: &Arc<AppState>) -> Result<Vec<ServedModel>, ServeError> {
     let config = &state.config;
     let device: Device = config.device.open()?;
-    let _ = state.device.set(device::describe(&device));
-    tracing::info!(device = %device::describe(&device), requested = %config.device, "device");
+    let backend = Backend::new(device, config.conv, config.precision)?;
+    let device = backend.device();
+    let _ = state.device.set(device::describe(device));
+    tracing::info!(
+        device = %device::describe(device),
+        requested = %config.device,
+        conv = %backend.conv_description(),
+        dtype = backend.dtype_name(),
+        threads = rayon::current_num_threads(),
+        "backend"
+    );
     let mut served: Vec<ServedModel> = Vec::new();
     for spec in &config.models {
         if served.iter().any(|m| m.classifier.name == spec.name) {
             return Err(ServeError::DuplicateName(spec.name.clone()));
         }
         let started = Instant::now();
-        let classifier = Classifier::load(spec, &config.weights, &device)
+        let classifier = Classifier::load(spec, &config.weights, &backend)
             .await
             .map_err(|source| ServeError::Load {
                 name: spec.name.clone(),

@@ -279,6 +279,10 @@ pub struct ModelInfo {
     pub input_shape: [usize; 3],
     /// Images waiting in its queue.
     pub queue_depth: usize,
+    /// Convolution implementation, e.g. `fast (winograd f4x4, avx2+fma)` or `candle`.
+    pub conv_impl: String,
+    /// Compute dtype: `f32`, `f16` or `bf16`.
+    pub dtype: String,
 }
 
 /// Batching settings.
@@ -303,6 +307,8 @@ pub struct Info {
     pub version: &'static str,
     /// Device the models run on.
     pub device: Option<String>,
+    /// CPU threads for inference.
+    pub threads: usize,
     /// Whether every model is ready.
     pub ready: bool,
     /// Served models (empty while loading).
@@ -341,6 +347,8 @@ fn model_infos(state: &AppState) -> Vec<ModelInfo> {
                 labels: c.labels.is_some(),
                 input_shape: [3, crate::model::INPUT_SIZE, crate::model::INPUT_SIZE],
                 queue_depth: m.batcher.queue_depth(),
+                conv_impl: c.model.backend().conv_description(),
+                dtype: c.model.backend().dtype_name().to_string(),
             }
         })
         .collect()
@@ -354,6 +362,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<Info> {
         name: "diracnet",
         version: env!("CARGO_PKG_VERSION"),
         device: state.device_name().map(String::from),
+        threads: rayon::current_num_threads(),
         ready: state.not_ready_reason().is_none(),
         models: model_infos(&state),
         batching: Batching {

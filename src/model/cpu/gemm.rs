@@ -1,0 +1,459 @@
+//! A small f32 matrix product for convolutions: `C = A · B`, optionally `+ bias` and ReLU.
+//!
+//! `B` (the weights) is packed once, at load, into column panels of [`NR`] columns, each panel
+//! `k × NR` contiguous, so the inner loop streams it with unit stride. `A` (activations) is read
+//! in place, [`MR`] rows at a time, through a row stride: im2col rows and Winograd tiles are
+//! already laid out as rows, so nothing is copied. A register-blocked `MR × NR` micro-kernel does
+//! the work: AVX2+FMA when the CPU has it (checked at run time, so one binary runs on any
+//! x86-64), plain Rust that the compiler vectorises otherwise (and on other architectures).
+
+/// Rows of `A` per micro-kernel call.
+pub const MR: usize = 6;
+/// Columns of a packed panel of `B` (two AVX registers).
+pub const NR: usize = 16;
+
+/// A `k × n` matrix packed into `ceil(n / NR)` panels of `k × NR`, zero-padded on the right.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs the `k × n` matrix whose element `(row, col)` is `at(row, col)`.
+    pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for (j, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+            for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                for (c, d) in dst.iter_mut().enumerate() {
+                    let col = j * NR + c;
+                    if col < n {
+                        *d = at(row, col);
+                    }
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// A `k × n` matrix of zeros, to fill with [`Self::set`].
+    pub fn zeros(k: usize, n: usize) -> Self {
+        Self {
+            k,
+            n,
+            data: vec![0f32; n.div_ceil(NR) * k * NR],
+        }
+    }
+
+    /// Sets element `(row, col)`.
+    pub fn set(&mut self, row: usize, col: usize, value: f32) {
+        assert!(row < self.k && col < self.n, "PackedB::set out of range");
+        self.data[(col / NR * self.k + row) * NR + col % NR] = value;
+    }
+
+    /// Rows (the reduction length).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Number of column panels.
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+
+    fn panel(&self, j: usize) -> &[f32] {
+        &self.data[j * self.k * NR..(j + 1) * self.k * NR]
+    }
+}
+
+/// The instruction set the kernels use, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX2 and FMA.
+    Avx2Fma,
+    /// Anything else: portable code the compiler vectorises for the baseline target.
+    Portable,
+}
+
+impl Isa {
+    /// The best kernels this CPU runs.
+    pub fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2Fma;
+            }
+            Isa::Portable
+        })
+    }
+
+    /// Name for logs and `/info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx2Fma => "avx2+fma",
+            Self::Portable => "portable",
+        }
+    }
+}
+
+/// What to do with each `C` tile once the products are summed.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Added per column (indexed by the global column; at least `panels * NR` long).
+    pub bias: Option<&'a [f32]>,
+    /// Clamp at zero.
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Store the sums as they are.
+    pub const NONE: Epilogue<'static> = Epilogue {
+        bias: None,
+        relu: false,
+    };
+}
+
+/// `C[i, col] = Σ_p A[i, p] · B[p, col]` (then the epilogue) for rows `0..m` and the columns of
+/// panels `panels`; columns at or beyond `n_valid` are not written.
+///
+/// `a` holds row `i` at `a[i * lda..][..k]`; `c` holds column `col` of row `i` at
+/// `c[i * ldc + col - panels.start * NR]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    panels: std::ops::Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    n_valid: usize,
+    epi: Epilogue<'_>,
+) {
+    let k = b.k;
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(
+        lda >= k && a.len() >= (m - 1) * lda + k,
+        "gemm: A too short"
+    );
+    assert!(panels.end <= b.panels(), "gemm: panel out of range");
+    let n_valid = n_valid.min(b.n);
+    let col0 = panels.start * NR;
+    let width = (panels.end * NR).min(n_valid).saturating_sub(col0);
+    assert!(c.len() >= (m - 1) * ldc + width, "gemm: C too short");
+    if let Some(bias) = epi.bias {
+        assert!(bias.len() >= panels.end * NR, "gemm: bias too short");
+    }
+    let mut tmp = [0f32; MR * NR];
+    for j in panels {
+        let panel = b.panel(j);
+        let cols = (n_valid.saturating_sub(j * NR)).min(NR);
+        if cols == 0 {
+            continue;
+        }
+        let bias = epi.bias.map(|b| &b[j * NR..(j + 1) * NR]);
+        let mut i = 0;
+        while i < m {
+            let rows = MR.min(m - i);
+            let a_rows = &a[i * lda..];
+            let c_off = i * ldc + j * NR - col0;
+            if cols == NR {
+                // SAFETY: the asserts above bound every row `i..i+rows` of A (k values) and of C
+                // (NR columns from `c_off`, within `width` of the last row).
+                unsafe {
+                    micro(
+                        isa,
+                        rows,
+                        k,
+                        a_rows.as_ptr(),
+                        lda,
+                        panel.as_ptr(),
+                        c.as_mut_ptr().add(c_off),
+                        ldc,
+                        bias,
+                        epi.relu,
+                    )
+                };
+            } else {
+                // A partial panel: compute the full tile aside, copy the valid columns.
+                // SAFETY: `tmp` holds MR rows of NR.
+                unsafe {
+                    micro(
+                        isa,
+                        rows,
+                        k,
+                        a_rows.as_ptr(),
+                        lda,
+                        panel.as_ptr(),
+                        tmp.as_mut_ptr(),
+                        NR,
+                        bias,
+                        epi.relu,
+                    )
+                };
+                for r in 0..rows {
+                    c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * NR..][..cols]);
+                }
+            }
+            i += rows;
+        }
+    }
+}
+
+/// One `rows × NR` tile (`rows ≤ MR`).
+///
+/// # Safety
+/// `a` must address `rows` rows of `k` values at stride `lda`, `b` a `k × NR` panel, `c` `rows`
+/// rows of `NR` values at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn micro(
+    isa: Isa,
+    rows: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    macro_rules! dispatch {
+        ($f:ident) => {
+            match rows {
+                6 => $f::<6>(k, a, lda, b, c, ldc, bias, relu),
+                5 => $f::<5>(k, a, lda, b, c, ldc, bias, relu),
+                4 => $f::<4>(k, a, lda, b, c, ldc, bias, relu),
+                3 => $f::<3>(k, a, lda, b, c, ldc, bias, relu),
+                2 => $f::<2>(k, a, lda, b, c, ldc, bias, relu),
+                _ => $f::<1>(k, a, lda, b, c, ldc, bias, relu),
+            }
+        };
+    }
+    // SAFETY: forwarded from the caller; the AVX2 kernel runs only when detected.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => dispatch!(micro_avx2),
+            _ => dispatch!(micro_portable),
+        }
+    }
+}
+
+/// Portable micro-kernel: fixed-size accumulators the compiler keeps in vector registers.
+///
+/// # Safety
+/// As [`micro`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn micro_portable<const R: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    let mut acc = [[0f32; NR]; R];
+    for p in 0..k {
+        // SAFETY: p < k, so the panel row and each A element are in bounds (caller's contract).
+        let brow: &[f32; NR] = unsafe { &*(b.add(p * NR) as *const [f32; NR]) };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = unsafe { *a.add(r * lda + p) };
+            for (x, &bv) in acc_r.iter_mut().zip(brow) {
+                *x += av * bv;
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        if let Some(bias) = bias {
+            for (x, &bv) in acc_r.iter_mut().zip(bias) {
+                *x += bv;
+            }
+        }
+        if relu {
+            for x in acc_r.iter_mut() {
+                *x = x.max(0.0);
+            }
+        }
+        // SAFETY: row r of C has NR values (caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(acc_r.as_ptr(), c.add(r * ldc), NR) };
+    }
+}
+
+/// AVX2+FMA micro-kernel: `R × 16` accumulators in `2R` YMM registers, one broadcast of `A` and
+/// two loads of `B` per step.
+///
+/// # Safety
+/// As [`micro`], and the CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_avx2<const R: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: every pointer offset stays inside the regions the caller vouched for.
+    unsafe {
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        let mut rows = [a; R];
+        for (r, row) in rows.iter_mut().enumerate() {
+            *row = a.add(r * lda);
+        }
+        let mut bp = b;
+        for _ in 0..k {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*rows[r]);
+                lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+                rows[r] = rows[r].add(1);
+            }
+            bp = bp.add(NR);
+        }
+        let (bias_lo, bias_hi) = match bias {
+            Some(bias) => (
+                _mm256_loadu_ps(bias.as_ptr()),
+                _mm256_loadu_ps(bias.as_ptr().add(8)),
+            ),
+            None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+        };
+        let zero = _mm256_setzero_ps();
+        for r in 0..R {
+            let mut x0 = _mm256_add_ps(lo[r], bias_lo);
+            let mut x1 = _mm256_add_ps(hi[r], bias_hi);
+            if relu {
+                x0 = _mm256_max_ps(x0, zero);
+                x1 = _mm256_max_ps(x1, zero);
+            }
+            _mm256_storeu_ps(c.add(r * ldc), x0);
+            _mm256_storeu_ps(c.add(r * ldc + 8), x1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_isa_matches_a_plain_product_with_ragged_edges() {
+        let mut isas = vec![Isa::Portable];
+        if Isa::detect() != Isa::Portable {
+            isas.push(Isa::detect());
+        }
+        for isa in isas {
+            for &(m, k, n) in &[(1, 1, 1), (7, 5, 17), (13, 33, 40), (6, 64, 16), (25, 9, 3)] {
+                let a = values(m * k, 1);
+                let bm = values(k * n, 2);
+                let bias = values(n.div_ceil(NR) * NR, 3);
+                let packed = PackedB::pack(k, n, |r, col| bm[r * n + col]);
+                let mut set = PackedB::zeros(k, n);
+                for r in 0..k {
+                    for col in 0..n {
+                        set.set(r, col, bm[r * n + col]);
+                    }
+                }
+                assert_eq!(set.data, packed.data);
+                let want = reference(m, k, n, &a, &bm);
+                let mut c = vec![f32::NAN; m * n];
+                let epi = Epilogue {
+                    bias: Some(&bias),
+                    relu: true,
+                };
+                gemm(
+                    isa,
+                    m,
+                    &a,
+                    k,
+                    &packed,
+                    0..packed.panels(),
+                    &mut c,
+                    n,
+                    n,
+                    epi,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = (want[i * n + j] + bias[j]).max(0.0);
+                        let got = c[i * n + j];
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {w}"
+                        );
+                    }
+                }
+                // A panel range writes only its own columns.
+                if packed.panels() > 1 {
+                    let mut c2 = vec![f32::NAN; m * (n - NR)];
+                    let ld = n - NR;
+                    gemm(
+                        isa,
+                        m,
+                        &a,
+                        k,
+                        &packed,
+                        1..packed.panels(),
+                        &mut c2,
+                        ld,
+                        n,
+                        Epilogue::NONE,
+                    );
+                    for i in 0..m {
+                        for j in NR..n {
+                            let w = want[i * n + j];
+                            let got = c2[i * ld + j - NR];
+                            assert!((got - w).abs() <= 1e-5 * (1.0 + w.abs()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,726 @@
+//! The fast CPU path, as candle custom ops.
+//!
+//! candle's own CPU conv re-lays out weights and activations on every call and runs a
+//! half-speed GEMM (see `shared/notes/cpu-conv.md`). These ops instead keep activations in NHWC
+//! (channels innermost) from the stem to the head, pack the weights once at load, fuse bias and
+//! ReLU into each conv, and run the 3×3 convs as Winograd F(4×4, 3×3):
+//!
+//! ```text
+//! [N,3,224,224] NCHW ─ Im2colConv 7×7/2 (+bias, ReLU) ─ MaxPool 3/2 ─▶ [N,56,56,64] NHWC
+//!   ─ WinogradConv 3×3 (+bias, ReLU) × blocks, MaxPool 2 between groups ─▶ [N,7,7,512] NHWC
+//! ```
+//!
+//! Every conv's output goes through a ReLU before anything else reads it (the next block's
+//! leading ReLU, or the head's; max-pooling commutes with ReLU), so each conv applies that ReLU
+//! itself. Work is spread over the rayon pool (`--threads`); each work item owns a disjoint part
+//! of the output.
+
+pub mod gemm;
+mod winograd;
+
+use std::cell::RefCell;
+
+use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+pub use gemm::Isa;
+use gemm::{Epilogue, PackedB, NR};
+use winograd::{ALPHA, M, POINTS, V8};
+
+/// The instruction set the fast path uses on this CPU.
+pub fn isa() -> Isa {
+    Isa::detect()
+}
+
+/// `wanted` if this CPU runs it, else the portable kernels.
+fn supported(wanted: Isa) -> Isa {
+    if wanted == isa() {
+        wanted
+    } else {
+        Isa::Portable
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch (im2col rows, Winograd tiles), reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with at least `len` floats of this thread's scratch.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// The output buffer, shared by work items that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every work item writes only the output elements it owns (disjoint by construction).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// The contiguous f32 data of a rank-4 input.
+fn input4<'a>(
+    name: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<(&'a [f32], [usize; 4])> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{name}: needs f32 input, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{name}: needs a contiguous input");
+    };
+    let &[a, b, c, d] = layout.dims() else {
+        bail!("{name}: needs a rank-4 input, got {:?}", layout.dims());
+    };
+    Ok((&data[start..end], [a, b, c, d]))
+}
+
+/// Bias zero-padded to whole GEMM panels.
+fn padded_bias(bias: &[f32]) -> Vec<f32> {
+    let mut b = bias.to_vec();
+    b.resize(bias.len().div_ceil(NR) * NR, 0.0);
+    b
+}
+
+/// A convolution as im2col + GEMM, NCHW in, NHWC out, with bias and ReLU: the 7×7/2 stem.
+#[derive(Debug, Clone)]
+pub struct Im2colConv {
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    weights: PackedB,
+    bias: Vec<f32>,
+    isa: Isa,
+}
+
+impl Im2colConv {
+    /// From PyTorch-layout weights `[c_out, c_in, k, k]` (flattened) and bias `[c_out]`.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        c_out: usize,
+        c_in: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Self {
+        let k = c_in * kernel * kernel;
+        assert_eq!(weight.len(), c_out * k, "Im2colConv: weight length");
+        assert_eq!(bias.len(), c_out, "Im2colConv: bias length");
+        Self {
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            pad,
+            weights: PackedB::pack(k, c_out, |r, col| weight[col * k + r]),
+            bias: padded_bias(bias),
+            isa: isa(),
+        }
+    }
+
+    /// Uses `isa`'s kernels when this CPU runs them (for tests and comparisons).
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = supported(isa);
+        self
+    }
+
+    fn out_side(&self, side: usize) -> usize {
+        (side + 2 * self.pad).saturating_sub(self.kernel) / self.stride + 1
+    }
+
+    /// Bytes of packed weights.
+    pub fn bytes(&self) -> usize {
+        self.weights.bytes() + self.bias.len() * 4
+    }
+}
+
+impl CustomOp1 for Im2colConv {
+    fn name(&self) -> &'static str {
+        "im2col-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, [n, c, h, w]) = input4(self.name(), storage, layout)?;
+        if c != self.c_in || h + 2 * self.pad < self.kernel || w + 2 * self.pad < self.kernel {
+            bail!(
+                "{}: input {:?} does not fit the kernel",
+                self.name(),
+                [n, c, h, w]
+            );
+        }
+        let (oh, ow) = (self.out_side(h), self.out_side(w));
+        let k = self.weights.k();
+        let isa = self.isa;
+        let mut out = vec![0f32; n * oh * ow * self.c_out];
+        // One output row per work item: `ow` im2col rows, then one GEMM with bias and ReLU.
+        out.par_chunks_mut(ow * self.c_out)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, oy) = (row / oh, row % oh);
+                with_scratch(ow * k, |a| {
+                    self.im2col_row(&x[img * c * h * w..][..c * h * w], h, w, oy, ow, a);
+                    gemm::gemm(
+                        isa,
+                        ow,
+                        a,
+                        k,
+                        &self.weights,
+                        0..self.weights.panels(),
+                        dst,
+                        self.c_out,
+                        self.c_out,
+                        Epilogue {
+                            bias: Some(&self.bias),
+                            relu: true,
+                        },
+                    );
+                });
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, self.c_out))))
+    }
+}
+
+impl Im2colConv {
+    /// The im2col rows of output row `oy` of one image `x` `[c, h, w]`: row `ox` holds the
+    /// receptive field in PyTorch's weight order (channel, ky, kx), zeros outside the image.
+    fn im2col_row(&self, x: &[f32], h: usize, w: usize, oy: usize, ow: usize, a: &mut [f32]) {
+        let (kk, s, p) = (self.kernel, self.stride, self.pad);
+        let k = self.c_in * kk * kk;
+        for (ox, row) in a.chunks_exact_mut(k).take(ow).enumerate() {
+            for ci in 0..self.c_in {
+                let plane = &x[ci * h * w..][..h * w];
+                for ky in 0..kk {
+                    let dst = &mut row[(ci * kk + ky) * kk..][..kk];
+                    let iy = (oy * s + ky).wrapping_sub(p);
+                    if iy >= h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let line = &plane[iy * w..][..w];
+                    let x0 = (ox * s).wrapping_sub(p);
+                    if x0 < w && x0 + kk <= w {
+                        // Interior: no bounds to check; a fixed-size copy for the stem's 7×7.
+                        match (dst.first_chunk_mut::<7>(), line[x0..].first_chunk::<7>()) {
+                            (Some(d), Some(l)) if kk == 7 => *d = *l,
+                            _ => {
+                                for (d, &v) in dst.iter_mut().zip(&line[x0..x0 + kk]) {
+                                    *d = v;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    for (kx, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * s + kx).wrapping_sub(p);
+                        *d = if ix < w { line[ix] } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A 3×3, stride-1, pad-1 convolution, NHWC in and out, with bias and ReLU, as Winograd
+/// F(4×4, 3×3) (see [`winograd`]).
+#[derive(Debug, Clone)]
+pub struct WinogradConv {
+    c_in: usize,
+    /// `c_in` rounded up to 8 (the transforms' lane count); the extra rows of `u` are zero.
+    c_in_pad: usize,
+    c_out: usize,
+    /// Transformed weights, one packed `c_in_pad × c_out` matrix per point.
+    u: Vec<PackedB>,
+    bias: Vec<f32>,
+    isa: Isa,
+}
+
+impl WinogradConv {
+    /// From PyTorch-layout weights `[c_out, c_in, 3, 3]` (flattened) and bias `[c_out]`.
+    pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize) -> Self {
+        assert_eq!(
+            weight.len(),
+            c_out * c_in * 9,
+            "WinogradConv: weight length"
+        );
+        assert_eq!(bias.len(), c_out, "WinogradConv: bias length");
+        let c_in_pad = c_in.div_ceil(8) * 8;
+        // One kernel at a time (a table of all of them in f64 would be 75 MB for 512 → 512).
+        let mut u: Vec<PackedB> = (0..POINTS)
+            .map(|_| PackedB::zeros(c_in_pad, c_out))
+            .collect();
+        for (i, g) in weight.chunks_exact(9).enumerate() {
+            let (co, ci) = (i / c_in, i % c_in);
+            let t = winograd::weight_2d(std::array::from_fn(|y| {
+                std::array::from_fn(|x| f64::from(g[y * 3 + x]))
+            }));
+            for (p, &value) in t.iter().flatten().enumerate() {
+                u[p].set(ci, co, value as f32);
+            }
+        }
+        Self {
+            c_in,
+            c_in_pad,
+            c_out,
+            u,
+            bias: padded_bias(bias),
+            isa: isa(),
+        }
+    }
+
+    /// Uses `isa`'s kernels when this CPU runs them (for tests and comparisons).
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = supported(isa);
+        self
+    }
+
+    /// Bytes of packed weights.
+    pub fn bytes(&self) -> usize {
+        self.u.iter().map(PackedB::bytes).sum::<usize>() + self.bias.len() * 4
+    }
+}
+
+/// How a Winograd layer's work is cut: tiles per block, and output panels per work item.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    tiles: usize,
+    block: usize,
+    blocks: usize,
+    panels_per_item: usize,
+    chunks: usize,
+}
+
+impl Plan {
+    fn new(tiles: usize, c_in_pad: usize, panels: usize, threads: usize) -> Self {
+        // A block's transformed input for one point (block × c_in) should stay in L2 while the
+        // GEMM sweeps every weight panel over it; bigger blocks reuse each weight more often.
+        let cap = (48 * 1024 / c_in_pad).clamp(24, 144);
+        // Enough blocks that every thread gets some, when there are tiles for it.
+        let per_thread = tiles.div_ceil(threads.max(1));
+        let block = cap.min(per_thread.div_ceil(gemm::MR) * gemm::MR).max(1);
+        let blocks = tiles.div_ceil(block);
+        // Few blocks (small maps, batch 1): split the output channels as well.
+        let want = (2 * threads).div_ceil(blocks).clamp(1, panels.max(1));
+        let panels_per_item = panels.div_ceil(want).max(1);
+        let chunks = panels.div_ceil(panels_per_item).max(1);
+        Self {
+            tiles,
+            block,
+            blocks,
+            panels_per_item,
+            chunks,
+        }
+    }
+}
+
+impl CustomOp1 for WinogradConv {
+    fn name(&self) -> &'static str {
+        "winograd-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
+        if c != self.c_in {
+            bail!(
+                "{}: input has {c} channels, expected {}",
+                self.name(),
+                self.c_in
+            );
+        }
+        let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+        let panels = self.u[0].panels();
+        let plan = Plan::new(
+            n * th * tw,
+            self.c_in_pad,
+            panels,
+            rayon::current_num_threads(),
+        );
+        let mut out = vec![0f32; n * h * w * self.c_out];
+        let shared = Shared(out.as_mut_ptr());
+        let isa = self.isa;
+        let geometry = Geometry { h, w, th, tw };
+        let out_len = out.len();
+        (0..plan.blocks * plan.chunks)
+            .into_par_iter()
+            .for_each(|item| {
+                let (blk, chunk) = (item / plan.chunks, item % plan.chunks);
+                let t0 = blk * plan.block;
+                let tn = plan.block.min(plan.tiles - t0);
+                let p0 = chunk * plan.panels_per_item;
+                let p1 = (p0 + plan.panels_per_item).min(panels);
+                let len = POINTS * tn * (self.c_in_pad + (p1 - p0) * NR);
+                with_scratch(len, |scratch| match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and FMA were detected.
+                    Isa::Avx2Fma => unsafe {
+                        self.item_avx2(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
+                    },
+                    _ => self.item(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch),
+                });
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
+    }
+}
+
+/// Map and tile-grid sizes of one Winograd call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+}
+
+impl WinogradConv {
+    /// [`Self::item`] compiled for AVX2+FMA, so the transforms vectorise 8 wide.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn item_avx2(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        out: Shared,
+        out_len: usize,
+        g: Geometry,
+        t0: usize,
+        tn: usize,
+        panels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+    ) {
+        self.item(isa, x, out, out_len, g, t0, tn, panels, scratch)
+    }
+
+    /// One work item: tiles `t0..t0+tn`, output channels of `panels`, written through `out`
+    /// (`out_len` floats): the items of one call own disjoint (tile, channel) parts of it.
+    /// `scratch` holds the transformed tiles and their products. No closures in here: they
+    /// would not inherit [`Self::item_avx2`]'s target features.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn item(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        out: Shared,
+        out_len: usize,
+        g: Geometry,
+        t0: usize,
+        tn: usize,
+        panels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+    ) {
+        let (cp, c) = (self.c_in_pad, self.c_in);
+        let col0 = panels.start * NR;
+        let cols = (panels.end * NR).min(self.c_out) - col0;
+        let cw = (panels.end - panels.start) * NR;
+        let v_len = POINTS * tn * cp;
+        {
+            let (v, m) = scratch[..v_len + POINTS * tn * cw].split_at_mut(v_len);
+            // 1. Input transform: V[p][tile][channel].
+            let mut d = [[V8::default(); ALPHA]; ALPHA];
+            let mut t = [[V8::default(); ALPHA]; ALPHA];
+            for ti in 0..tn {
+                let (img, ty, tx) = g.tile(t0 + ti);
+                let (y0, x0) = ((ty * M).wrapping_sub(1), (tx * M).wrapping_sub(1));
+                let inside =
+                    ty > 0 && tx > 0 && ty * M + ALPHA - 1 <= g.h && tx * M + ALPHA - 1 <= g.w;
+                for cc in (0..cp).step_by(8) {
+                    let lanes = 8.min(c - cc);
+                    if inside && lanes == 8 {
+                        for (dy, row) in d.iter_mut().enumerate() {
+                            let base = ((img * g.h + y0 + dy) * g.w + x0) * c + cc;
+                            for (dx, v) in row.iter_mut().enumerate() {
+                                *v = V8::load(&x[base + dx * c..][..8]);
+                            }
+                        }
+                    } else {
+                        for (dy, row) in d.iter_mut().enumerate() {
+                            let iy = y0.wrapping_add(dy);
+                            for (dx, v) in row.iter_mut().enumerate() {
+                                let ix = x0.wrapping_add(dx);
+                                *v = if iy < g.h && ix < g.w {
+                                    V8::load(&x[((img * g.h + iy) * g.w + ix) * c + cc..][..lanes])
+                                } else {
+                                    V8::default()
+                                };
+                            }
+                        }
+                    }
+                    winograd::input_2d(&d, &mut t);
+                    for (p, val) in t.iter().flatten().enumerate() {
+                        val.store(&mut v[(p * tn + ti) * cp + cc..][..8]);
+                    }
+                }
+            }
+            // 2. One channel mix per point: M[p] = V[p] · U[p].
+            for p in 0..POINTS {
+                gemm::gemm(
+                    isa,
+                    tn,
+                    &v[p * tn * cp..][..tn * cp],
+                    cp,
+                    &self.u[p],
+                    panels.clone(),
+                    &mut m[p * tn * cw..][..tn * cw],
+                    cw,
+                    usize::MAX,
+                    Epilogue::NONE,
+                );
+            }
+            // 3. Output transform, bias, ReLU, into the NHWC output.
+            let mut prods = [[V8::default(); ALPHA]; ALPHA];
+            let mut y = [[V8::default(); M]; M];
+            for ti in 0..tn {
+                let (img, ty, tx) = g.tile(t0 + ti);
+                for co in (0..cols).step_by(8) {
+                    let lanes = 8.min(cols - co);
+                    for (i, row) in prods.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = V8::load(&m[((i * ALPHA + j) * tn + ti) * cw + co..][..8]);
+                        }
+                    }
+                    winograd::output_2d(&prods, &mut y);
+                    let bias = V8::load(&self.bias[col0 + co..][..8]);
+                    for (dy, row) in y.iter().enumerate() {
+                        let oy = ty * M + dy;
+                        if oy >= g.h {
+                            break;
+                        }
+                        for (dx, val) in row.iter().enumerate() {
+                            let ox = tx * M + dx;
+                            if ox >= g.w {
+                                break;
+                            }
+                            let at = ((img * g.h + oy) * g.w + ox) * self.c_out + col0 + co;
+                            assert!(at + lanes <= out_len);
+                            // SAFETY: in bounds (checked), and these pixels and channels belong
+                            // to this work item alone (see `cpu_fwd`).
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(out.0.add(at), lanes) };
+                            (*val + bias).relu().store(dst);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Geometry {
+    /// Image, tile row and tile column of tile `t`.
+    #[inline(always)]
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let per_image = self.th * self.tw;
+        (t / per_image, (t % per_image) / self.tw, t % self.tw)
+    }
+}
+
+/// Max-pooling over NHWC, PyTorch semantics (padding never wins).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool {
+    /// Window side.
+    pub kernel: usize,
+    /// Step.
+    pub stride: usize,
+    /// Implicit padding on each side.
+    pub pad: usize,
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
+        let (k, s, p) = (self.kernel, self.stride, self.pad);
+        if h + 2 * p < k || w + 2 * p < k || s == 0 || p >= k {
+            bail!("{}: bad window for input {:?}", self.name(), [n, h, w, c]);
+        }
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let mut out = vec![0f32; n * oh * ow * c];
+        out.par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, oy) = (row / oh, row % oh);
+                for (ox, d) in dst.chunks_exact_mut(c).enumerate() {
+                    d.fill(f32::NEG_INFINITY);
+                    for ky in 0..k {
+                        let iy = (oy * s + ky).wrapping_sub(p);
+                        if iy >= h {
+                            continue;
+                        }
+                        for kx in 0..k {
+                            let ix = (ox * s + kx).wrapping_sub(p);
+                            if ix >= w {
+                                continue;
+                            }
+                            let src = &x[((img * h + iy) * w + ix) * c..][..c];
+                            for (a, &b) in d.iter_mut().zip(src) {
+                                // NaN propagates, as in PyTorch.
+                                *a = if b > *a || b.is_nan() { b } else { *a };
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32 ^ seed).wrapping_mul(2654435761) >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// candle's conv (NCHW) as the reference, bias and ReLU applied after.
+    fn reference(
+        x: &Tensor,
+        w: &[f32],
+        b: &[f32],
+        shape: (usize, usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Tensor {
+        let (co, ci, k) = shape;
+        let wt = Tensor::from_vec(w.to_vec(), (co, ci, k, k), &Device::Cpu).unwrap();
+        let bt = Tensor::from_vec(b.to_vec(), (1, co, 1, 1), &Device::Cpu).unwrap();
+        x.conv2d(&wt, pad, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&bt)
+            .unwrap()
+            .relu()
+            .unwrap()
+    }
+
+    fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / scale
+    }
+
+    #[test]
+    fn winograd_matches_candle_conv_on_ragged_shapes() {
+        // Odd sizes: partial tiles, channels not a multiple of 8 or 16, two images.
+        for &(n, ci, co, h, w) in &[(2, 3, 5, 7, 9), (1, 16, 32, 8, 8), (1, 20, 17, 5, 13)] {
+            let x =
+                Tensor::from_vec(values(n * ci * h * w, 1), (n, ci, h, w), &Device::Cpu).unwrap();
+            let wv = values(co * ci * 9, 2);
+            let bv = values(co, 3);
+            let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
+            for isa in [Isa::Portable, isa()] {
+                let op = WinogradConv::new(&wv, &bv, co, ci).with_isa(isa);
+                let got = x
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .apply_op1_no_bwd(&op)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-5, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn im2col_conv_matches_candle_conv() {
+        for &(n, ci, co, h, w, k, s, p) in &[(2, 3, 20, 15, 11, 7, 2, 3), (1, 2, 16, 6, 6, 3, 1, 1)]
+        {
+            let x =
+                Tensor::from_vec(values(n * ci * h * w, 4), (n, ci, h, w), &Device::Cpu).unwrap();
+            let wv = values(co * ci * k * k, 5);
+            let bv = values(co, 6);
+            let want = reference(&x, &wv, &bv, (co, ci, k), s, p);
+            let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p);
+            let got = x
+                .apply_op1_no_bwd(&op)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err = max_rel_err(&got, &want);
+            assert!(err < 1e-6, "rel err {err}");
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_pytorch_semantics_with_negative_inputs() {
+        // 3/2 pad 1 on negative values: the padding must never win (PyTorch pads with -inf).
+        let (n, c, h, w) = (1, 3, 5, 6);
+        let x = Tensor::from_vec(values(n * c * h * w, 7), (n, h, w, c), &Device::Cpu).unwrap();
+        let x = (x - 2.0).unwrap();
+        let got = x
+            .apply_op1_no_bwd(&MaxPool {
+                kernel: 3,
+                stride: 2,
+                pad: 1,
+            })
+            .unwrap();
+        assert_eq!(got.dims(), &[1, 3, 3, 3]);
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gv = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for oy in 0..3usize {
+            for ox in 0..3usize {
+                for ch in 0..c {
+                    let mut m = f32::NEG_INFINITY;
+                    for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
+                        for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
+                            m = m.max(xv[(iy * w + ix) * c + ch]);
+                        }
+                    }
+                    assert_eq!(gv[(oy * 3 + ox) * c + ch], m);
+                    assert!(m < 0.0);
+                }
+            }
+        }
+    }
+}
