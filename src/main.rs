@@ -202,7 +202,7 @@ struct ModelArgs {
     #[arg(long, env = "DIRACNET_CACHE")]
     cache_dir: Option<PathBuf>,
     /// Never use the network; a model missing from the caches is an error.
-    #[arg(long, env = "DIRACNET_OFFLINE")]
+    #[arg(long, env = "DIRACNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     offline: bool,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "DIRACNET_DEVICE", default_value = "auto")]

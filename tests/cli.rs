@@ -319,3 +319,33 @@ fn impossible_backends_are_refused_with_the_reason() {
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, fast or candle"));
 }
+
+#[test]
+fn offline_env_takes_the_usual_spellings() {
+    // DIRACNET_OFFLINE=1 / true / yes: a model missing from the caches is then an offline error,
+    // never a download; 0 / false let the flag off.
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["1", "true", "yes", "on"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_diracnet"))
+            .args([
+                "fetch",
+                "--model",
+                "https://127.0.0.1:9/nothing-00000000.pth",
+            ])
+            .env("DIRACNET_OFFLINE", value)
+            .env("DIRACNET_CACHE", dir.path())
+            .env("DIRACNET_LOG", "warn")
+            .output()
+            .unwrap();
+        let e = fails(&out);
+        assert!(e.contains("offline"), "{value}: {e}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(["fetch", "--model", "mine=/nonexistent/x.pth"])
+        .env("DIRACNET_OFFLINE", "0")
+        .env("DIRACNET_CACHE", dir.path())
+        .output()
+        .unwrap();
+    let e = fails(&out);
+    assert!(!e.contains("invalid value"), "{e}");
+}
