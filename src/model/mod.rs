@@ -697,21 +697,8 @@ mod tests {
         let candle = Backend::new(dev.clone(), ConvImpl::Candle, Precision::F32).unwrap();
         let net = DiracNet::from_tensors(&tensors, &candle).unwrap();
         let y2 = net.forward(&x).unwrap();
-        let scale = y2
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (&y - &y2)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&y2);
+        let diff = max_abs(&(&y - &y2).unwrap());
         assert!(
             diff <= 1e-4 * scale.max(1e-3),
             "fast vs candle: {diff} at {scale}"
@@ -721,6 +708,16 @@ mod tests {
             net.forward(&bad),
             Err(ModelError::InputShape { .. })
         ));
+    }
+
+    /// max |t| over all elements.
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn to_tensors(arch: &Architecture, seed: u64) -> BTreeMap<String, Tensor> {
@@ -741,21 +738,8 @@ mod tests {
         let candle = Backend::new(Device::Cpu, ConvImpl::Candle, Precision::F32).unwrap();
         let reference = DiracNet::from_tensors(&tensors, &candle).unwrap();
         let (a, b) = (fast.forward(&x).unwrap(), reference.forward(&x).unwrap());
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&b);
+        let diff = max_abs(&(&a - &b).unwrap());
         assert!(scale > 0.0);
         assert!(
             diff <= 1e-4 * scale,
@@ -789,21 +773,8 @@ mod tests {
         let f16net = DiracNet::from_tensors(&tensors, &half).unwrap();
         let (a, b) = (f32net.forward(&x).unwrap(), f16net.forward(&x).unwrap());
         assert_eq!(b.dtype(), DType::F32, "logits come back as f32");
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&a);
+        let diff = max_abs(&(&a - &b).unwrap());
         // f16 keeps 11 bits of mantissa: close, not equal.
         assert!(diff > 0.0 && diff < 0.1 * scale, "{diff} at {scale}");
     }
