@@ -175,40 +175,32 @@ pub fn gemm(
             let rows = MR.min(m - i);
             let a_rows = &a[i * lda..];
             let c_off = i * ldc + j * NR - col0;
-            if cols == NR {
-                // SAFETY: the asserts above bound every row `i..i+rows` of A (k values) and of C
-                // (NR columns from `c_off`, within `width` of the last row).
-                unsafe {
-                    micro(
-                        isa,
-                        rows,
-                        k,
-                        a_rows.as_ptr(),
-                        lda,
-                        panel.as_ptr(),
-                        c.as_mut_ptr().add(c_off),
-                        ldc,
-                        bias,
-                        epi.relu,
-                    )
-                };
+            // A full panel goes straight to C; a partial one is computed aside in `tmp` and
+            // only its valid columns are copied.
+            let (dst, ld) = if cols == NR {
+                // SAFETY: the asserts above bound every row `i..i+rows` of C (NR columns from
+                // `c_off`, within `width` of the last row).
+                (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
             } else {
-                // A partial panel: compute the full tile aside, copy the valid columns.
-                // SAFETY: `tmp` holds MR rows of NR.
-                unsafe {
-                    micro(
-                        isa,
-                        rows,
-                        k,
-                        a_rows.as_ptr(),
-                        lda,
-                        panel.as_ptr(),
-                        tmp.as_mut_ptr(),
-                        NR,
-                        bias,
-                        epi.relu,
-                    )
-                };
+                (tmp.as_mut_ptr(), NR)
+            };
+            // SAFETY: A holds rows `i..i+rows` of k values (asserted above); `dst` holds `rows`
+            // rows of NR at stride `ld` (C as above, or `tmp`: MR rows of NR).
+            unsafe {
+                micro(
+                    isa,
+                    rows,
+                    k,
+                    a_rows.as_ptr(),
+                    lda,
+                    panel.as_ptr(),
+                    dst,
+                    ld,
+                    bias,
+                    epi.relu,
+                )
+            };
+            if cols < NR {
                 for r in 0..rows {
                     c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * NR..][..cols]);
                 }
