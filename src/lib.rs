@@ -13,9 +13,12 @@
 //!    authors' OpenCV evaluation pipeline.
 //! 5. [`classify`] — logits → softmax → top-k with labels.
 //! 6. [`device`] — `auto`, `cpu`, `cuda[:N]`.
+//!
+//! [`server`] serves them over HTTP; [`memory`] tunes the allocator for it.
 
 pub mod classify;
 pub mod device;
+pub mod memory;
 pub mod model;
 pub mod npy;
 pub mod preprocess;

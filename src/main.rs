@@ -133,19 +133,19 @@ struct ServeArgs {
     #[arg(long, env = "DIRACNET_PORT", default_value_t = 8080)]
     port: u16,
     /// Largest batch per forward pass.
-    #[arg(long, env = "DIRACNET_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "DIRACNET_MAX_BATCH_SIZE", default_value_t = server::defaults::MAX_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_batch_size: u32,
     /// Longest wait for a batch to fill once the model is free, in milliseconds.
-    #[arg(long, env = "DIRACNET_MAX_BATCH_DELAY_MS", default_value_t = 2.0)]
+    #[arg(long, env = "DIRACNET_MAX_BATCH_DELAY_MS", default_value_t = server::defaults::MAX_BATCH_DELAY_MS)]
     max_batch_delay_ms: f64,
     /// Images that may wait per model; beyond, requests get 429.
-    #[arg(long, env = "DIRACNET_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "DIRACNET_MAX_QUEUE", default_value_t = server::defaults::MAX_QUEUE, value_parser = clap::value_parser!(u32).range(1..))]
     max_queue: u32,
     /// Deadline of a request, in milliseconds; one still queued then gets 503.
-    #[arg(long, env = "DIRACNET_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "DIRACNET_REQUEST_TIMEOUT_MS", default_value_t = server::defaults::REQUEST_TIMEOUT_MS)]
     request_timeout_ms: u64,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "DIRACNET_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "DIRACNET_MAX_BODY_BYTES", default_value_t = server::defaults::MAX_BODY_BYTES)]
     max_body_bytes: usize,
     /// Refuse images with more pixels than this (413).
     #[arg(long, env = "DIRACNET_MAX_PIXELS", default_value_t = preprocess::DEFAULT_MAX_PIXELS)]
@@ -161,7 +161,7 @@ struct ServeArgs {
     #[arg(long, env = "DIRACNET_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Longest drain after SIGTERM/SIGINT, in seconds (below Kubernetes' 30 s grace).
-    #[arg(long, env = "DIRACNET_SHUTDOWN_TIMEOUT_S", default_value_t = 25)]
+    #[arg(long, env = "DIRACNET_SHUTDOWN_TIMEOUT_S", default_value_t = server::defaults::SHUTDOWN_TIMEOUT_S)]
     shutdown_timeout_s: u64,
 }
 
@@ -245,6 +245,7 @@ impl ModelArgs {
 }
 
 fn main() {
+    diracnet::memory::keep_freed_buffers();
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     init_threads(cli.threads);

@@ -13,10 +13,10 @@ use std::{
 use base64::Engine;
 use diracnet::{
     device::DeviceSpec,
-    model::{Architecture, ConvImpl, Precision},
+    model::Architecture,
     npy,
     registry::{ModelSpec, Registry},
-    server::{self, batcher::BatchConfig, ServeConfig},
+    server::{self, ServeConfig},
     weights::{convert::write_safetensors, WeightsOptions},
 };
 use reqwest::{Client, StatusCode};
@@ -53,33 +53,21 @@ fn medium_model(dir: &Path) -> PathBuf {
 
 fn config(models: &[&str], cache: &Path) -> ServeConfig {
     let registry = Registry::builtin().unwrap();
+    let models = models
+        .iter()
+        .map(|m| ModelSpec::parse(m, &registry).unwrap())
+        .collect();
+    let weights = WeightsOptions {
+        cache: diracnet::weights::cache::CacheLayout {
+            root: cache.to_path_buf(),
+        },
+        offline: true,
+        progress: false,
+        torch_hub_dir: None,
+    };
     ServeConfig {
-        models: models
-            .iter()
-            .map(|m| ModelSpec::parse(m, &registry).unwrap())
-            .collect(),
-        weights: WeightsOptions {
-            cache: diracnet::weights::cache::CacheLayout {
-                root: cache.to_path_buf(),
-            },
-            offline: true,
-            progress: false,
-            torch_hub_dir: None,
-        },
         device: DeviceSpec::Cpu,
-        conv: ConvImpl::Auto,
-        precision: Precision::Auto,
-        batch: BatchConfig {
-            max_batch_size: 32,
-            max_batch_delay: Duration::from_millis(2),
-            max_queue: 256,
-        },
-        request_timeout: Duration::from_secs(30),
-        max_body_bytes: 16 << 20,
-        max_pixels: 50_000_000,
-        cors_origins: vec![],
-        api_key: None,
-        shutdown_timeout: Duration::from_secs(25),
+        ..ServeConfig::new(models, weights)
     }
 }
 
@@ -212,10 +200,17 @@ async fn every_input_mode_gives_the_same_answer() {
     assert_eq!(raw["predictions"].as_array().unwrap().len(), 3);
     assert!(raw["predictions"][0]["label"].is_string());
     assert!(h.contains_key("x-request-id"));
-    for name in ["x-queue-time-ms", "x-inference-time-ms"] {
+    for name in [
+        "x-preprocess-time-ms",
+        "x-queue-time-ms",
+        "x-inference-time-ms",
+    ] {
         let v: f64 = h[name].to_str().unwrap().parse().unwrap();
         assert!(v >= 0.0, "{name}");
     }
+    // Decoding a JPEG is never free.
+    let pre: f64 = h["x-preprocess-time-ms"].to_str().unwrap().parse().unwrap();
+    assert!(pre > 0.0, "x-preprocess-time-ms {pre}");
     for (method, ct) in [("PUT", "image/jpeg"), ("POST", "application/octet-stream")] {
         let r = c
             .request(
@@ -757,6 +752,7 @@ async fn metrics_parse_and_count() {
         "diracnet_requests_total",
         "diracnet_rejected_requests_total",
         "diracnet_request_duration_seconds",
+        "diracnet_preprocess_duration_seconds",
         "diracnet_queue_duration_seconds",
         "diracnet_inference_duration_seconds",
         "diracnet_batch_size",
@@ -769,6 +765,7 @@ async fn metrics_parse_and_count() {
         "diracnet_requests_total{code=\"200\",model=\"dn18w16_v03\",route=\"/classify\"} 1"
     ));
     assert!(text.contains("diracnet_request_duration_seconds_bucket{model=\"dn18w16_v03\",route=\"/classify\",le=\"+Inf\"} 1"));
+    assert!(text.contains("diracnet_preprocess_duration_seconds_count{model=\"dn18w16_v03\"} 1"));
     assert!(check_exposition("# TYPE x_total counter\nx_total{a=\"1\" 2\n").is_err());
     assert!(check_exposition("y 1\n").is_err());
     s.stop().await;

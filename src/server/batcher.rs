@@ -278,16 +278,21 @@ impl Batcher {
         Ok(tickets)
     }
 
-    /// Submits `inputs`, ends their announcement (now that they are queued), and waits for all
-    /// of them (see [`Ticket::wait`]), in input order.
+    /// Ends the announcement of `inputs`, submits them, and waits for all of them (see
+    /// [`Ticket::wait`]), in input order.
+    ///
+    /// The announcement ends just *before* the images are queued: a batching task that looks in
+    /// between sends its batch without them (they go in the next one). Ending it after would let
+    /// the task see the images queued and still announced, and wait `max_batch_delay` for
+    /// images that are already there.
     pub async fn run(
         &self,
         inputs: Vec<Vec<f32>>,
         deadline: Instant,
         announced: Announced,
     ) -> Result<Vec<JobOutput>, JobError> {
-        let tickets = self.submit(inputs, deadline);
         drop(announced);
+        let tickets = self.submit(inputs, deadline);
         let mut outputs = Vec::new();
         for ticket in tickets? {
             outputs.push(ticket.wait().await?);

@@ -24,7 +24,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::{error::ApiError, AppState, ServedModel};
-use crate::{classify::Prediction, preprocess};
+use crate::classify::Prediction;
 
 /// Query parameters of the classify routes.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -123,7 +123,7 @@ struct Parsed {
     ),
     responses(
         (status = 200, description = "Top-k classes", body = ClassifyResponse,
-         headers(("x-request-id" = String), ("x-queue-time-ms" = f64), ("x-inference-time-ms" = f64))),
+         headers(("x-request-id" = String), ("x-preprocess-time-ms" = f64), ("x-queue-time-ms" = f64), ("x-inference-time-ms" = f64))),
         (status = 400, description = "Malformed request or undecodable image", body = super::error::ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
         (status = 404, description = "Unknown model", body = super::error::ErrorBody),
@@ -205,17 +205,8 @@ async fn handle(
                 "top_k must be between 1 and {classes} (the class count)"
             )));
         }
-        let max_pixels = state.config.max_pixels;
-        let images = parsed.images;
-        let announced = served.batcher.announce(images.len());
-        let inputs = tokio::task::spawn_blocking(move || {
-            images
-                .iter()
-                .map(|b| preprocess::preprocess(b, max_pixels))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))??;
+        let announced = served.batcher.announce(parsed.images.len());
+        let (inputs, preprocess) = state.preprocess(&model_label, parsed.images).await?;
         let outputs = served.batcher.run(inputs, deadline, announced).await?;
         let queue = outputs
             .iter()
@@ -252,12 +243,13 @@ async fn handle(
                 results: None,
             }
         };
-        Ok((body, queue, infer))
+        Ok((body, preprocess, queue, infer))
     }
     .await;
 
-    let result = result.map(|(body, queue, infer)| {
+    let result = result.map(|(body, preprocess, queue, infer)| {
         let mut r = Json(body).into_response();
+        insert_ms(r.headers_mut(), "x-preprocess-time-ms", preprocess);
         insert_ms(r.headers_mut(), "x-queue-time-ms", queue);
         insert_ms(r.headers_mut(), "x-inference-time-ms", infer);
         r

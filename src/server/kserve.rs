@@ -26,7 +26,7 @@ use super::{
     error::ApiError,
     AppState,
 };
-use crate::{classify::softmax, model::INPUT_SIZE, preprocess};
+use crate::{classify::softmax, model::INPUT_SIZE};
 
 /// `GET /v2` body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -271,7 +271,7 @@ pub async fn infer(
             .first()
             .map_or(1, |&n| n.clamp(1, 4096) as usize);
         let announced = served.batcher.announce(n);
-        let images = inputs_from_tensor(input, &state.config).await?;
+        let images = inputs_from_tensor(input, &state, &label).await?;
         let n = images.len();
         let deadline = arrived + state.config.request_timeout;
         let results = served.batcher.run(images, deadline, announced).await?;
@@ -365,10 +365,11 @@ fn classification(row: &[f32], k: usize, labels: Option<&crate::registry::Labels
 /// The images of the one input: FP32 rows as they are, BYTES decoded and preprocessed.
 async fn inputs_from_tensor(
     input: &RequestInput,
-    config: &super::ServeConfig,
+    state: &AppState,
+    model: &str,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
     let per = 3 * INPUT_SIZE * INPUT_SIZE;
-    let (max_pixels, max_images) = (config.max_pixels, config.batch.max_queue);
+    let max_images = state.config.batch.max_queue;
     match input.datatype.as_str() {
         "FP32" => {
             let side = INPUT_SIZE as i64;
@@ -429,15 +430,7 @@ async fn inputs_from_tensor(
                 let bytes = decode_base64(s, i)?;
                 files.push(bytes);
             }
-            tokio::task::spawn_blocking(move || {
-                files
-                    .iter()
-                    .map(|b| preprocess::preprocess(b, max_pixels))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?
-            .map_err(ApiError::from)
+            Ok(state.preprocess(model, files).await?.0)
         }
         other => Err(ApiError::bad_request(format!(
             "input datatype {other:?} is not supported; send FP32 [N,3,224,224] or BYTES [N]"

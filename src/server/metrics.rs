@@ -19,6 +19,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     rejected: IntCounterVec,
     request_duration: HistogramVec,
+    preprocess_duration: HistogramVec,
     queue_duration: HistogramVec,
     inference_duration: HistogramVec,
     batch_size: HistogramVec,
@@ -85,6 +86,12 @@ impl Metrics {
             &["model", "route"],
             duration_buckets(),
         );
+        let preprocess_duration = histogram(
+            "preprocess_duration_seconds",
+            "Time to decode and preprocess one image, before it is queued.",
+            &["model"],
+            duration_buckets(),
+        );
         let queue_duration = histogram(
             "queue_duration_seconds",
             "Time an image waited in the batching queue.",
@@ -116,6 +123,7 @@ impl Metrics {
             requests,
             rejected,
             request_duration,
+            preprocess_duration,
             queue_duration,
             inference_duration,
             batch_size,
@@ -135,6 +143,13 @@ impl Metrics {
     pub fn request_duration(&self, model: &str, route: &str, d: Duration) {
         self.request_duration
             .with_label_values(&[model, route])
+            .observe(d.as_secs_f64());
+    }
+
+    /// Records one image's decoding and preprocessing time.
+    pub fn preprocess_duration(&self, model: &str, d: Duration) {
+        self.preprocess_duration
+            .with_label_values(&[model])
             .observe(d.as_secs_f64());
     }
 

@@ -73,6 +73,47 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
 }
 
+/// `serve`'s defaults, shared by [`ServeConfig::new`] and the command line.
+pub mod defaults {
+    /// Largest batch per forward pass.
+    pub const MAX_BATCH_SIZE: u32 = 32;
+    /// Longest wait for a batch to fill, milliseconds.
+    pub const MAX_BATCH_DELAY_MS: f64 = 2.0;
+    /// Images that may wait per model.
+    pub const MAX_QUEUE: u32 = 256;
+    /// Deadline of a request, milliseconds.
+    pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+    /// Largest request body, bytes.
+    pub const MAX_BODY_BYTES: usize = 16 << 20;
+    /// Longest drain after SIGTERM, seconds (below Kubernetes' 30 s grace period).
+    pub const SHUTDOWN_TIMEOUT_S: u64 = 25;
+}
+
+impl ServeConfig {
+    /// Serves `models`, fetched with `weights`, with every other setting at `serve`'s default
+    /// ([`defaults`]; device, conv and dtype `auto`; no CORS, no API key).
+    pub fn new(models: Vec<ModelSpec>, weights: WeightsOptions) -> Self {
+        Self {
+            models,
+            weights,
+            device: DeviceSpec::Auto,
+            conv: ConvImpl::Auto,
+            precision: Precision::Auto,
+            batch: BatchConfig {
+                max_batch_size: defaults::MAX_BATCH_SIZE as usize,
+                max_batch_delay: Duration::from_secs_f64(defaults::MAX_BATCH_DELAY_MS / 1000.0),
+                max_queue: defaults::MAX_QUEUE as usize,
+            },
+            request_timeout: Duration::from_millis(defaults::REQUEST_TIMEOUT_MS),
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
+            cors_origins: Vec::new(),
+            api_key: None,
+            shutdown_timeout: Duration::from_secs(defaults::SHUTDOWN_TIMEOUT_S),
+        }
+    }
+}
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -175,6 +216,39 @@ impl AppState {
         let guard = InflightGuard(self.clone());
         // Checked after counting, so the drain never misses a request that got past here.
         (!self.shutting_down()).then_some(guard)
+    }
+
+    /// Decodes and preprocesses `images` (one after another, on the blocking pool, so the
+    /// async workers stay free), recording each image's time in
+    /// `diracnet_preprocess_duration_seconds`. Returns the network inputs and the total time.
+    pub async fn preprocess<B>(
+        &self,
+        model: &str,
+        images: Vec<B>,
+    ) -> Result<(Vec<Vec<f32>>, Duration), error::ApiError>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        let max_pixels = self.config.max_pixels;
+        let (inputs, times) = tokio::task::spawn_blocking(move || {
+            let mut times = Vec::with_capacity(images.len());
+            let inputs = images
+                .iter()
+                .map(|b| {
+                    let started = Instant::now();
+                    let input = crate::preprocess::preprocess(b.as_ref(), max_pixels);
+                    times.push(started.elapsed());
+                    input
+                })
+                .collect::<Result<Vec<_>, _>>();
+            (inputs, times)
+        })
+        .await
+        .map_err(|e| error::ApiError::internal(format!("preprocessing task failed: {e}")))?;
+        for &t in &times {
+            self.metrics.preprocess_duration(model, t);
+        }
+        Ok((inputs?, times.iter().sum()))
     }
 
     /// Turns an inference route's outcome into its response: records the latency of a success

@@ -127,6 +127,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
         .expose_headers([
             header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static("x-preprocess-time-ms"),
             header::HeaderName::from_static("x-queue-time-ms"),
             header::HeaderName::from_static("x-inference-time-ms"),
         ]);
