@@ -101,9 +101,10 @@ fn raw(model: &DiracNet, b: usize, seconds: f64) -> Vec<f64> {
     times
 }
 
+/// NaN for no values.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 struct Load {
@@ -269,9 +270,11 @@ async fn main() {
     let body = Arc::new(std::fs::read(&a.image).expect("--image file"));
     let url = format!("http://{addr}/classify");
     let metrics_url = format!("http://{addr}/metrics");
-    let _ = load(&url, body.clone(), 4, 2.0).await; // warm the connection pool and caches
-                                                    // Rounds alternate raw and served at each point (A B A B), so drift of this machine hits
-                                                    // both sides alike; figures are medians over all rounds.
+    // Warm the connection pool and caches.
+    let _ = load(&url, body.clone(), 4, 2.0).await;
+
+    // Rounds alternate raw and served at each point (A B A B), so drift of this machine hits
+    // both sides alike; figures are medians over all rounds.
     let rounds = 3;
     let per_round = a.seconds / rounds as f64;
     let mut table = Vec::new();

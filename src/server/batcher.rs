@@ -16,6 +16,9 @@
 //! The semantics are Triton's dynamic batcher with `max_queue_delay`, with one refinement: the
 //! delay is only spent when a request is known to be coming (a handler [`Batcher::announce`]s
 //! images before decoding them), so a lone request never waits for company that cannot arrive.
+//! An announced image stops counting as "on its way" the moment the batching task takes it off
+//! the queue, so the task never waits for images it already has, and never sends a batch
+//! without the rest of a request whose first images it took.
 //! A full queue is refused at once (the caller answers 429); a job still queued at its deadline is
 //! never computed (503).
 
@@ -119,6 +122,8 @@ impl JobState {
 
 struct Job {
     input: Vec<f32>,
+    /// Counted in `incoming` until the batching task receives it.
+    announced: bool,
     submitted: Instant,
     deadline: Instant,
     state: Arc<JobState>,
@@ -151,7 +156,8 @@ impl Ticket {
     }
 }
 
-/// Images announced but not yet submitted, while the guard lives.
+/// Images announced but not yet queued, while the guard lives; [`Batcher::run`] hands each
+/// image's count to its job as it queues it.
 pub struct Announced {
     incoming: Arc<AtomicUsize>,
     n: usize,
@@ -234,11 +240,13 @@ impl Batcher {
     }
 
     /// Queues `inputs` (normalised images) all or nothing: if the queue cannot take them all,
-    /// nothing is queued and `QueueFull` is returned.
+    /// nothing is queued and `QueueFull` is returned. Each queued image takes over one count of
+    /// `announced`, if any is left.
     pub fn submit(
         &self,
         inputs: Vec<Vec<f32>>,
         deadline: Instant,
+        announced: &mut Announced,
     ) -> Result<Vec<Ticket>, JobError> {
         let n = u32::try_from(inputs.len()).map_err(|_| JobError::QueueFull(self.model.clone()))?;
         let mut permit = match self.admission.clone().try_acquire_many_owned(n) {
@@ -258,14 +266,21 @@ impl Batcher {
                 phase: AtomicU8::new(QUEUED),
                 permit: std::sync::Mutex::new(permit.split(1)),
             });
+            // The count moves from the guard to the job before the job can be received.
+            let counted = announced.n > 0;
+            announced.n -= usize::from(counted);
             let job = Job {
                 input,
+                announced: counted,
                 submitted,
                 deadline,
                 state: state.clone(),
                 reply,
             };
             if self.tx.send(job).is_err() {
+                // Never to be received: give its count back.
+                self.incoming
+                    .fetch_sub(usize::from(counted), Ordering::AcqRel);
                 return Err(JobError::ShuttingDown(self.model.clone()));
             }
             tickets.push(Ticket {
@@ -278,21 +293,16 @@ impl Batcher {
         Ok(tickets)
     }
 
-    /// Ends the announcement of `inputs`, submits them, and waits for all of them (see
-    /// [`Ticket::wait`]), in input order.
-    ///
-    /// The announcement ends just *before* the images are queued: a batching task that looks in
-    /// between sends its batch without them (they go in the next one). Ending it after would let
-    /// the task see the images queued and still announced, and wait `max_batch_delay` for
-    /// images that are already there.
+    /// Submits `inputs` (ending their announcement, see [`Batcher::submit`]) and waits for all
+    /// of them (see [`Ticket::wait`]), in input order.
     pub async fn run(
         &self,
         inputs: Vec<Vec<f32>>,
         deadline: Instant,
-        announced: Announced,
+        mut announced: Announced,
     ) -> Result<Vec<JobOutput>, JobError> {
+        let tickets = self.submit(inputs, deadline, &mut announced);
         drop(announced);
-        let tickets = self.submit(inputs, deadline);
         let mut outputs = Vec::new();
         for ticket in tickets? {
             outputs.push(ticket.wait().await?);
@@ -306,8 +316,13 @@ impl Batcher {
     }
 }
 
-/// Keeps a job for the batch if it is still wanted; otherwise answers or drops it.
-fn admit(job: Job, model: &str, observer: &dyn BatchObserver) -> Option<Job> {
+/// Takes a job off the queue (ending its announcement) and keeps it for the batch if it is still
+/// wanted; otherwise answers or drops it.
+fn admit(job: Job, lane: &Lane) -> Option<Job> {
+    let (model, observer) = (lane.model.as_str(), &*lane.observer);
+    if job.announced {
+        lane.incoming.fetch_sub(1, Ordering::AcqRel);
+    }
     if job.reply.is_closed() {
         if job.state.expire() {
             observer.abandoned();
@@ -341,19 +356,14 @@ async fn batching_task(
     mut ready_rx: mpsc::Receiver<()>,
     batch_tx: mpsc::Sender<Vec<Job>>,
 ) {
-    let Lane {
-        model,
-        config,
-        observer,
-        incoming,
-    } = lane;
+    let config = lane.config;
     // Each round starts when the compute thread says it is free.
     while ready_rx.recv().await.is_some() {
         let mut batch: Vec<Job> = Vec::with_capacity(config.max_batch_size);
         // The first job still wanted (sleeping while the queue is empty).
         while batch.is_empty() {
             match rx.recv().await {
-                Some(job) => batch.extend(admit(job, &model, &*observer)),
+                Some(job) => batch.extend(admit(job, &lane)),
                 None => return, // closed and drained
             }
         }
@@ -364,15 +374,15 @@ async fn batching_task(
         loop {
             while batch.len() < config.max_batch_size {
                 match rx.try_recv() {
-                    Ok(job) => batch.extend(admit(job, &model, &*observer)),
+                    Ok(job) => batch.extend(admit(job, &lane)),
                     Err(_) => break,
                 }
             }
-            if batch.len() >= config.max_batch_size || incoming.load(Ordering::SeqCst) == 0 {
+            if batch.len() >= config.max_batch_size || lane.incoming.load(Ordering::SeqCst) == 0 {
                 break;
             }
             match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(job)) => batch.extend(admit(job, &model, &*observer)),
+                Ok(Some(job)) => batch.extend(admit(job, &lane)),
                 Ok(None) | Err(_) => break,
             }
         }
@@ -433,5 +443,106 @@ fn compute_thread(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl BatchObserver for Quiet {
+        fn batch_done(&self, _: usize, _: Duration, _: &[Duration]) {}
+        fn abandoned(&self) {}
+    }
+
+    /// A batcher whose compute side is the test: it says when the model is free and takes the
+    /// batches.
+    fn batcher(delay: Duration) -> (Batcher, mpsc::Sender<()>, mpsc::Receiver<Vec<Job>>) {
+        let config = BatchConfig {
+            max_batch_size: 32,
+            max_batch_delay: delay,
+            max_queue: 64,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = mpsc::channel(1);
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let incoming = Arc::new(AtomicUsize::new(0));
+        let lane = Lane {
+            model: "m".into(),
+            config,
+            observer: Arc::new(Quiet),
+            incoming: incoming.clone(),
+        };
+        tokio::spawn(batching_task(lane, rx, ready_rx, batch_tx));
+        let batcher = Batcher {
+            model: "m".into(),
+            tx,
+            incoming,
+            admission: Arc::new(Semaphore::new(config.max_queue)),
+            config,
+        };
+        (batcher, ready_tx, batch_rx)
+    }
+
+    fn images(n: usize) -> Vec<Vec<f32>> {
+        vec![vec![0.0]; n]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_are_never_split_nor_wait_for_images_already_queued() {
+        // A delay this long would show if the task waited for images it already had.
+        let (batcher, ready, mut batches) = batcher(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        for round in 0..200 {
+            ready.send(()).await.expect("batching task");
+            let started = Instant::now();
+            let mut announced = batcher.announce(3);
+            let tickets = batcher
+                .submit(images(3), deadline, &mut announced)
+                .expect("room");
+            drop(announced);
+            let batch = batches.recv().await.expect("a batch");
+            assert_eq!(batch.len(), 3, "round {round}: the request was split");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "round {round}: waited {:?} for queued images",
+                started.elapsed()
+            );
+            assert_eq!(batcher.incoming.load(Ordering::SeqCst), 0);
+            drop((tickets, batch));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_waits_for_announced_images_up_to_the_delay() {
+        let (batcher, ready, mut batches) = batcher(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        ready.send(()).await.expect("batching task");
+        // B is announced (being decoded) when A is queued: the batch waits for B.
+        let b_announced = batcher.announce(1);
+        let mut a_announced = batcher.announce(1);
+        let a = batcher.submit(images(1), deadline, &mut a_announced);
+        drop(a_announced);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut b_announced = b_announced;
+        let b = batcher.submit(images(1), deadline, &mut b_announced);
+        drop(b_announced);
+        let batch = batches.recv().await.expect("a batch");
+        assert_eq!(batch.len(), 2);
+        drop((a, b, batch));
+
+        // An announcement that ends without images (a decoding error) stops counting.
+        ready.send(()).await.expect("batching task");
+        drop(batcher.announce(2));
+        assert_eq!(batcher.incoming.load(Ordering::SeqCst), 0);
+        let started = Instant::now();
+        let mut none = batcher.announce(0);
+        let c = batcher.submit(images(1), deadline, &mut none);
+        let batch = batches.recv().await.expect("a batch");
+        assert_eq!(batch.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop((c, batch));
     }
 }

@@ -88,7 +88,7 @@ impl Metrics {
         );
         let preprocess_duration = histogram(
             "preprocess_duration_seconds",
-            "Time to decode and preprocess one image, before it is queued.",
+            "Time spent decoding and preprocessing one image before it is queued (images that fail to decode included).",
             &["model"],
             duration_buckets(),
         );

@@ -1,7 +1,7 @@
 //! AVX2 kernels of the exact-sum (IPP-side) bicubic: the same f64 products and sums, in the
 //! same order, as the scalar [`Accum`](super::Accum) and [`keys_vertical`](super::keys_vertical),
 //! four lanes at a time (no FMA: a fused multiply-add would round differently). Identical bytes,
-//! about three times faster; a unit test compares the two on many sizes.
+//! about twice as fast; a unit test compares the two on many sizes.
 //!
 //! * Horizontal: the part of the source line that the taps read is widened to f64 once; each output pixel then loads its four
 //!   source pixels as 4-lane vectors (R, G, B and the next pixel's R), weighs and sums them, and
