@@ -27,10 +27,12 @@ use std::{
 
 use candle_core::{Device, Tensor};
 use diracnet::{
+    batcher::BatchConfig,
     device::DeviceSpec,
-    model::{Architecture, Backend, DiracNet, INPUT_SIZE},
+    model::{Architecture, Backend, DiracNet},
     registry::{ModelSpec, Registry},
-    server::{self, batcher::BatchConfig, ServeConfig},
+    server::{self, ServeConfig},
+    tensor::INPUT_SIZE,
     weights::{cache::CacheLayout, convert::write_safetensors, WeightsOptions},
 };
 
@@ -223,7 +225,7 @@ async fn main() {
     );
 
     // Raw model (kept loaded: raw and served rounds alternate below).
-    let model = DiracNet::load(&path, &Backend::cpu()).unwrap();
+    let model = DiracNet::from_safetensors(&path, &Backend::cpu()).unwrap();
 
     // Served.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

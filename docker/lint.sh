@@ -7,7 +7,7 @@
 #   - check-jsonschema: docker/compose.yaml against the Compose specification's schema
 #   - kubernetes-validate: the Deployment, Service and HPA against Kubernetes' OpenAPI schemas
 #     (strict: unknown fields are errors); the KServe InferenceService and the kustomization
-#     have no bundled schema and are left to tests/deploy.rs
+#     have no bundled schema and are left to tests/deploy/
 #
 #   docker/lint.sh            # venv in ${XDG_CACHE_HOME:-~/.cache}/diracnet/lint-venv
 #   LINT_VENV=DIR docker/lint.sh

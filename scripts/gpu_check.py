@@ -109,7 +109,7 @@ def write_npy(path: str, t: torch.Tensor) -> None:
 
 
 class DiracNet(torch.nn.Module):
-    """The folded DiracNet exactly as diracnet runs it (src/model/mod.rs)."""
+    """The folded DiracNet exactly as diracnet runs it (src/model/layers.rs)."""
 
     def __init__(self, depth: int):
         super().__init__()

@@ -1,5 +1,6 @@
-//! Process-wide allocator settings for a server that allocates and frees MB-sized buffers on
-//! every request (the decoded image, the network input, a forward pass's activations).
+//! Process memory: allocator settings for a server that allocates and frees MB-sized buffers on
+//! every request (the decoded image, the network input, a forward pass's activations), and the
+//! peak resident set that benchmarks report.
 
 /// Makes glibc malloc keep freed buffers for reuse instead of handing them back to the kernel,
 /// which by default it does and then page-faults them in again on the next request: a quarter
@@ -34,4 +35,12 @@ pub fn keep_freed_buffers() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
         }
     }
+}
+
+/// Peak resident set size of this process, MiB (Linux; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

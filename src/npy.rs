@@ -7,6 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::tensor::{HostTensor, INPUT_SIZE};
+
 const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// Errors reading or writing `.npy` files.
@@ -30,17 +32,8 @@ pub enum NpyError {
     },
 }
 
-/// A float32 array: shape and row-major values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Array {
-    /// Extents, outermost first.
-    pub shape: Vec<usize>,
-    /// Values.
-    pub data: Vec<f32>,
-}
-
 /// Reads a little-endian float32, C-order `.npy` file.
-pub fn read_f32(path: &Path) -> Result<Array, NpyError> {
+pub fn read_f32(path: &Path) -> Result<HostTensor, NpyError> {
     let io = |source| NpyError::Io {
         path: path.to_path_buf(),
         source,
@@ -119,7 +112,23 @@ pub fn read_f32(path: &Path) -> Result<Array, NpyError> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    Ok(Array { shape, data })
+    Ok(HostTensor { shape, data })
+}
+
+/// Reads a batch of preprocessed network inputs, `[N, 3, 224, 224]` float32 (see
+/// [`HostTensor::input_rows`]); any other shape is an error.
+pub fn read_inputs(path: &Path) -> Result<HostTensor, NpyError> {
+    let a = read_f32(path)?;
+    match a.input_rows() {
+        Some(_) => Ok(a),
+        None => Err(NpyError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "shape {:?}, expected [N, 3, {INPUT_SIZE}, {INPUT_SIZE}]",
+                a.shape
+            ),
+        }),
+    }
 }
 
 /// Writes a float32, C-order `.npy` file (format 1.0).
@@ -188,5 +197,25 @@ mod tests {
 
         std::fs::write(&p, edit(b"<f4", b"|u1")).unwrap();
         assert!(read_f32(&p).unwrap_err().to_string().contains("float32"));
+    }
+
+    #[test]
+    fn inputs_are_batches_of_224_crops() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.npy");
+        let data = vec![0.5f32; 2 * crate::tensor::INPUT_LEN];
+        write_f32(&p, &[2, 3, INPUT_SIZE, INPUT_SIZE], &data).unwrap();
+        assert_eq!(read_inputs(&p).unwrap().input_rows().unwrap().count(), 2);
+        write_f32(
+            &p,
+            &[3, INPUT_SIZE, INPUT_SIZE],
+            &data[..crate::tensor::INPUT_LEN],
+        )
+        .unwrap();
+        let e = read_inputs(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("shape [3, 224, 224], expected [N, 3, 224, 224]"),
+            "{e}"
+        );
     }
 }

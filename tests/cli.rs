@@ -1,17 +1,15 @@
 //! The `diracnet` binary end to end, on fixtures, offline.
 
+mod common;
+
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
 };
 
 use diracnet::npy;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use crate::common::fixture;
 
 fn diracnet(args: &[&str], cache: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_diracnet"))

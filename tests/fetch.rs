@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use diracnet::weights::fetch::{
-    fetch_url, hash_prefix, is_url, sha256_file, FetchError, FetchOptions, FetchSource,
-};
+use diracnet::weights::fetch::{fetch_url, sha256_file, FetchError, FetchOptions, FetchSource};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -216,40 +214,6 @@ fn route(path: &str, replies: Vec<Reply>) -> Routes {
 // ---------------------------------------------------------------------------------------------
 // Pure functions
 // ---------------------------------------------------------------------------------------------
-
-#[test]
-fn hash_prefix_follows_torch_hub_regex() {
-    assert_eq!(
-        hash_prefix("diracnet18v2folded-a2174e15.pth"),
-        Some("a2174e15")
-    );
-    assert_eq!(
-        hash_prefix("diracnet34v2folded-dfb15d34.pth"),
-        Some("dfb15d34")
-    );
-    assert_eq!(hash_prefix("diracnet18-v2_checkpoint.pth"), None);
-    assert_eq!(hash_prefix("a-b-cafe.pth"), Some("cafe"));
-    assert_eq!(hash_prefix("x-.pth"), Some(""));
-    assert_eq!(hash_prefix("resnet18-f37072fd.pth"), Some("f37072fd"));
-    assert_eq!(hash_prefix("a-ABCD.pth"), None);
-    assert_eq!(hash_prefix("plain.pth"), None);
-    assert_eq!(hash_prefix("a-12.tar.gz"), Some("12"));
-    assert_eq!(hash_prefix("trailing-abc"), None);
-    assert_eq!(hash_prefix("ünï-c0de.pth"), Some("c0de"));
-    assert_eq!(hash_prefix(""), None);
-}
-
-#[test]
-fn is_url_accepts_http_and_https_only() {
-    assert!(is_url("http://example.com/a.pth"));
-    assert!(is_url("https://example.com/a.pth"));
-    assert!(is_url("HTTPS://example.com/a.pth"));
-    assert!(!is_url("ftp://example.com/a.pth"));
-    assert!(!is_url("/tmp/a.pth"));
-    assert!(!is_url("a.pth"));
-    assert!(!is_url("ht"));
-    assert!(!is_url("é"));
-}
 
 #[test]
 fn sha256_file_matches_sha2() {

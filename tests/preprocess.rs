@@ -3,17 +3,18 @@
 //!
 //! `cargo test --test preprocess -- --nocapture` prints the per-image agreement.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use candle_core::Tensor;
-use diracnet::preprocess::{
-    decode_rgb8, normalize, preprocess, resize_crop, DEFAULT_MAX_PIXELS, INPUT_SIZE,
+use diracnet::{
+    preprocess::{decode_rgb8, normalize, preprocess, resize_crop, DEFAULT_MAX_PIXELS},
+    tensor::INPUT_SIZE,
 };
 use image::RgbImage;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use crate::common::fixtures;
 
 struct Entry {
     file: String,
@@ -50,13 +51,13 @@ fn manifest() -> Vec<Entry> {
 /// A `[224, 224, 3]` uint8 `.npy` as an image.
 fn read_crop(path: &Path) -> RgbImage {
     let t = Tensor::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let side = INPUT_SIZE as usize;
+    let side = INPUT_SIZE;
     assert_eq!(t.dims(), [side, side, 3], "{}", path.display());
     let data = t
         .flatten_all()
         .and_then(|t| t.to_vec1::<u8>())
         .expect("u8 npy");
-    RgbImage::from_raw(INPUT_SIZE, INPUT_SIZE, data).expect("224x224x3")
+    RgbImage::from_raw(INPUT_SIZE as u32, INPUT_SIZE as u32, data).expect("224x224x3")
 }
 
 struct Agreement {
@@ -134,7 +135,7 @@ const INPUT_ORDER: [&str; 2] = ["chelsea.jpg", "camera_gray.png"];
 fn reference_inputs() -> Vec<f32> {
     let path = fixtures().join("reference/inputs.npy");
     let t = Tensor::read_npy(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let side = INPUT_SIZE as usize;
+    let side = INPUT_SIZE;
     assert_eq!(t.dims(), [INPUT_ORDER.len(), 3, side, side]);
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
@@ -144,7 +145,7 @@ fn reference_inputs() -> Vec<f32> {
 #[test]
 fn normalize_matches_numpy_bit_for_bit() {
     let inputs = reference_inputs();
-    let per_image = 3 * (INPUT_SIZE * INPUT_SIZE) as usize;
+    let per_image = 3 * INPUT_SIZE * INPUT_SIZE;
     for (i, file) in INPUT_ORDER.iter().enumerate() {
         let crop = read_crop(&fixtures().join(format!("images/{file}.crop.npy")));
         let ours = normalize(&crop);
@@ -166,7 +167,7 @@ fn normalize_matches_numpy_bit_for_bit() {
 #[test]
 fn preprocess_end_to_end_matches_reference_inputs() {
     let inputs = reference_inputs();
-    let per_image = 3 * (INPUT_SIZE * INPUT_SIZE) as usize;
+    let per_image = 3 * INPUT_SIZE * INPUT_SIZE;
     // one 8-bit level is 1 / (255 * std) ≤ 0.0176 after normalisation
     let level = 1.0 / (255.0 * 0.224) + 1e-6;
     for (i, file) in INPUT_ORDER.iter().enumerate() {

@@ -1,29 +1,25 @@
 //! Reading, folding, converting and running real-PyTorch fixtures (see tests/fixtures/make_fixtures.py).
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+mod common;
+
+use std::{collections::BTreeMap, path::Path};
 
 use candle_core::{Device, Tensor};
 use diracnet::{
-    classify::top_k,
     model::{Backend, ConvImpl, DiracNet, Precision},
     npy,
+    prediction::top_k,
     registry::{ModelSpec, Registry},
+    tensor::HostTensor,
     weights::{
         self,
         convert::{self, ConvertError, Provenance},
-        pth::{Checkpoint, HostTensor, PthError},
+        pth::{Checkpoint, PthError},
         WeightsOptions,
     },
 };
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use crate::common::fixture;
 
 /// Reads a safetensors fixture written by `safetensors.torch.save_file`.
 fn read_safetensors(path: &Path) -> BTreeMap<String, HostTensor> {
@@ -144,7 +140,7 @@ fn logits_parity_with(model_file: &Path, logits_file: &str, conv: ConvImpl) -> P
     )
     .unwrap();
     let backend = Backend::new(Device::Cpu, conv, Precision::F32).unwrap();
-    let net = DiracNet::load(&out, &backend).unwrap();
+    let net = DiracNet::from_safetensors(&out, &backend).unwrap();
     assert_eq!(net.backend().conv(), conv);
     let inputs = npy::read_f32(&fixture("reference/inputs.npy")).unwrap();
     let want = npy::read_f32(&fixture(logits_file)).unwrap();

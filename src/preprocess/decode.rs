@@ -9,6 +9,7 @@ use image::{
 };
 
 use super::PreprocessError;
+use crate::panic::panic_message;
 
 /// Decodes JPEG, PNG, BMP, WebP, GIF (first frame) or TIFF to RGB8 the way
 /// `cv2.imread(path, cv2.IMREAD_COLOR)` + `BGR2RGB` does: EXIF orientation applied, alpha dropped
@@ -156,14 +157,10 @@ pub(super) fn decode_jpeg(
     match decoded {
         Ok(Ok(rgb)) => Ok(rgb),
         Ok(Err(e)) => Err(decode_failed("jpeg", e)),
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "libjpeg error".into());
-            Err(decode_failed("jpeg", msg))
-        }
+        Err(payload) => Err(decode_failed(
+            "jpeg",
+            panic_message(&*payload, "libjpeg error"),
+        )),
     }
 }
 

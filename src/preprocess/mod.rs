@@ -57,8 +57,8 @@ pub use resize::{crop_offset, resize_crop, resize_crop_with, scaled_size, CubicA
 
 use decode::JpegRows;
 
-/// Side of the square centre crop fed to the network.
-pub const INPUT_SIZE: u32 = 224;
+use crate::tensor::INPUT_SIZE;
+
 /// Short side after `Scale`, before the crop.
 pub const RESIZE_SHORT_SIDE: u32 = 256;
 /// Per-channel (RGB) mean of the ImageNet normalisation, on the `[0, 1]` scale.
@@ -179,7 +179,7 @@ fn jpeg_pipelined(bytes: &[u8]) -> Result<Option<Vec<f32>>, PreprocessError> {
             .spawn_scoped(scope, move || {
                 let mut lines = Streamed::new(rx, CHUNK_ROWS)?;
                 // Each crop row is normalised as soon as it is resized.
-                let side = INPUT_SIZE as usize;
+                let side = INPUT_SIZE;
                 let mut input = vec![0.0; 3 * side * side];
                 resize::resize_crop_lines(&mut lines, &mut |y, row| {
                     normalize::normalize_into(row, y * side, &mut input)

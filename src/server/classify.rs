@@ -5,26 +5,29 @@
 //! * `multipart/form-data`, one or more file parts (text parts `top_k` and `model` allowed);
 //! * JSON `{"image": "<base64>"}` or `{"images": ["<base64>", ...]}`, optional `top_k`, `model`.
 //!
-//! Images are decoded and preprocessed on the blocking pool *before* they enter the queue, so
-//! the next batch is being prepared while the current one computes.
+//! This file only reads the request and writes the answer ([`ClassifyRequest`], a
+//! [`Protocol`]); [`super::infer`] runs it. Images are decoded and preprocessed on the blocking
+//! pool *before* they enter the queue, so the next batch is being prepared while the current
+//! one computes.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
 use axum::{
     body::Bytes,
     extract::{rejection::QueryRejection, FromRequest, Multipart, Path, Query, Request, State},
-    http::{header, HeaderMap, HeaderValue},
+    http::header,
     response::{IntoResponse, Response},
     Json,
 };
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::{error::ApiError, AppState, ServedModel};
-use crate::classify::Prediction;
+use super::{
+    encoding::decode_base64,
+    error::ApiError,
+    infer::{self, Call, Context, Inferred, Inputs, Protocol},
+    AppState,
+};
+use crate::{classifier::Classifier, prediction::Prediction};
 
 /// Query parameters of the classify routes.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -93,10 +96,6 @@ pub struct ClassifyResponse {
     pub results: Option<Vec<ImageResult>>,
 }
 
-/// The label of the model a response was for, read by the metrics middleware.
-#[derive(Debug, Clone)]
-pub struct ModelLabel(pub String);
-
 /// Images and options parsed from a request.
 struct Parsed {
     images: Vec<Bytes>,
@@ -139,7 +138,13 @@ pub async fn classify(
     query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
-    handle(state, None, query, request, "/classify").await
+    let request = ClassifyRequest {
+        route: "/classify",
+        path_model: None,
+        query,
+        request,
+    };
+    infer::serve(&state, request).await
 }
 
 /// `POST /models/{name}/classify`
@@ -168,69 +173,77 @@ pub async fn classify_model(
     query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
-    handle(state, Some(name), query, request, "/models/{name}/classify").await
+    let request = ClassifyRequest {
+        route: "/models/{name}/classify",
+        path_model: Some(name),
+        query,
+        request,
+    };
+    infer::serve(&state, request).await
 }
 
-async fn handle(
-    state: Arc<AppState>,
+/// A classify request as it arrived.
+pub struct ClassifyRequest {
+    route: &'static str,
+    /// The model named in the path (`/models/{name}/classify`).
     path_model: Option<String>,
     query: Result<Query<ClassifyQuery>, QueryRejection>,
     request: Request,
-    route: &'static str,
-) -> Response {
-    let arrived = Instant::now();
-    let deadline = arrived + state.config.request_timeout;
-    // Only a served model's name becomes a metric label (client input must not mint series).
-    let mut model_label = String::new();
-    let result = async {
-        let Some(_guard) = state.begin_inference() else {
-            return Err(ApiError::shutting_down());
-        };
-        let Query(query) = query
+}
+
+/// How to answer a classify request.
+pub struct ClassifyAnswer {
+    top_k: usize,
+    /// The client sent a list: answer `results`, not `predictions`.
+    many: bool,
+}
+
+impl Protocol for ClassifyRequest {
+    type Answer = ClassifyAnswer;
+
+    fn route(&self) -> &'static str {
+        self.route
+    }
+
+    async fn parse(self, context: &Context<'_>) -> Result<Call<ClassifyAnswer>, ApiError> {
+        let Query(query) = self
+            .query
             .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
-        let models = state.models().ok_or_else(ApiError::not_ready)?;
-        let parsed = parse(
-            request,
-            state.config.max_body_bytes,
-            state.config.batch.max_queue,
-        )
-        .await?;
-        let wanted = path_model.or(query.model).or(parsed.model.clone());
-        let served = find_model(models, wanted.as_deref())?;
-        model_label = served.classifier.name.clone();
-        let classes = served.classifier.classes();
+        let config = context.config;
+        let parsed = parse(self.request, config.max_body_bytes, config.batch.max_queue).await?;
+        let wanted = self.path_model.or(query.model).or(parsed.model);
+        let model = context.model(wanted.as_deref())?;
+        let classes = model.classifier.classes();
         let top_k = query.top_k.or(parsed.top_k).unwrap_or(5.min(classes));
         if top_k == 0 || top_k > classes {
             return Err(ApiError::bad_request(format!(
                 "top_k must be between 1 and {classes} (the class count)"
             )));
         }
-        let announced = served.batcher.announce(parsed.images.len());
-        let (inputs, preprocess) = state.preprocess(&model_label, parsed.images).await?;
-        let outputs = served.batcher.run(inputs, deadline, announced).await?;
-        let queue = outputs
+        Ok(Call {
+            model,
+            inputs: Inputs::Encoded(parsed.images),
+            answer: ClassifyAnswer {
+                top_k,
+                many: parsed.many,
+            },
+        })
+    }
+
+    fn respond(answer: ClassifyAnswer, model: &Classifier, inferred: Inferred) -> Response {
+        let mut results: Vec<ImageResult> = inferred
+            .logits
             .iter()
-            .map(|o| o.queue_time)
-            .max()
-            .unwrap_or_default();
-        let infer = outputs
-            .iter()
-            .map(|o| o.inference_time)
-            .max()
-            .unwrap_or_default();
-        let mut results: Vec<ImageResult> = outputs
-            .iter()
-            .map(|out| ImageResult {
-                predictions: served
-                    .classifier
-                    .predictions(&out.logits, top_k)
+            .map(|logits| ImageResult {
+                predictions: model
+                    .predictions(logits, answer.top_k)
                     .into_iter()
                     .map(PredictionBody::from)
                     .collect(),
             })
             .collect();
-        let model = served.classifier.name.clone();
-        let body = if parsed.many {
+        let model = model.name.clone();
+        let body = if answer.many {
             ClassifyResponse {
                 model,
                 predictions: None,
@@ -243,42 +256,9 @@ async fn handle(
                 results: None,
             }
         };
-        Ok((body, preprocess, queue, infer))
-    }
-    .await;
-
-    let result = result.map(|(body, preprocess, queue, infer)| {
-        let mut r = Json(body).into_response();
-        insert_ms(r.headers_mut(), "x-preprocess-time-ms", preprocess);
-        insert_ms(r.headers_mut(), "x-queue-time-ms", queue);
-        insert_ms(r.headers_mut(), "x-inference-time-ms", infer);
-        r
-    });
-    state.finish_inference(model_label, route, arrived, result)
-}
-
-fn insert_ms(headers: &mut HeaderMap, name: &'static str, d: Duration) {
-    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)) {
-        headers.insert(name, v);
-    }
-}
-
-/// The model called `name`, or the first one.
-pub fn find_model<'a>(
-    models: &'a [ServedModel],
-    name: Option<&str>,
-) -> Result<&'a ServedModel, ApiError> {
-    match name {
-        None => models
-            .first()
-            .ok_or_else(|| ApiError::not_found("no model is served")),
-        Some(n) => models
-            .iter()
-            .find(|m| m.classifier.name == n)
-            .ok_or_else(|| {
-                let known: Vec<&str> = models.iter().map(|m| m.classifier.name.as_str()).collect();
-                ApiError::not_found(format!("unknown model {n:?}; served: {}", known.join(", ")))
-            }),
+        let mut response = Json(body).into_response();
+        inferred.insert_timing_headers(response.headers_mut());
+        response
     }
 }
 
@@ -421,21 +401,4 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     } else {
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
     }
-}
-
-/// Decodes one base64 image (whitespace ignored; a `data:...;base64,` prefix accepted).
-pub(super) fn decode_base64(s: &str, index: usize) -> Result<Bytes, ApiError> {
-    // Accept data URLs too: `data:image/png;base64,...`.
-    let payload = match s.split_once(";base64,") {
-        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
-        _ => s,
-    };
-    let cleaned: String = payload
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(cleaned.as_bytes())
-        .map(Bytes::from)
-        .map_err(|e| ApiError::bad_request(format!("image {index}: malformed base64: {e}")))
 }

@@ -8,8 +8,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use super::batcher::JobError;
-use crate::preprocess::PreprocessError;
+use crate::{batcher::JobError, preprocess::PreprocessError};
 
 /// An error answered to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]

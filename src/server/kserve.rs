@@ -8,8 +8,11 @@
 //!   extension (`outputs[].parameters.classification = k`) returns BYTES `[N, k]` strings
 //!   `"value:index:label"` (Triton's format; `value` is the output's value: the logit, or the
 //!   probability for `probabilities`). The request `id` is echoed.
+//!
+//! `infer` only reads the request and writes the answer ([`KServeInfer`], a [`Protocol`]);
+//! [`super::infer`] runs it.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use axum::{
     body::Bytes,
@@ -22,11 +25,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{
-    classify::{decode_base64, find_model},
+    encoding::decode_base64,
     error::ApiError,
+    infer::{self, find_model, Call, Context, Inferred, Inputs, Protocol},
     AppState,
 };
-use crate::{classify::softmax, model::INPUT_SIZE};
+use crate::{
+    classifier::Classifier,
+    prediction::{softmax, top_k},
+    registry::Labels,
+    tensor::{INPUT_LEN, INPUT_SIZE},
+};
 
 /// `GET /v2` body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -239,20 +248,35 @@ pub async fn infer(
     Path(name): Path<String>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let arrived = Instant::now();
-    let route = "/v2/models/{name}/infer";
-    // Only a served model's name becomes a metric label (client input must not mint series).
-    let mut label = String::new();
-    let result = async {
-        let Some(_guard) = state.begin_inference() else {
-            return Err(ApiError::shutting_down());
-        };
-        let models = state.models().ok_or_else(ApiError::not_ready)?;
-        let served = find_model(models, Some(&name))?;
-        label = served.classifier.name.clone();
-        let body = body.map_err(|e| {
+    infer::serve(&state, KServeInfer { name, body }).await
+}
+
+/// A KServe v2 inference request as it arrived.
+pub struct KServeInfer {
+    /// The model in the path.
+    name: String,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+}
+
+/// How to answer a KServe v2 inference request.
+pub struct KServeAnswer {
+    id: Option<String>,
+    /// `(output name, classification k)`.
+    outputs: Vec<(String, Option<usize>)>,
+}
+
+impl Protocol for KServeInfer {
+    type Answer = KServeAnswer;
+
+    fn route(&self) -> &'static str {
+        "/v2/models/{name}/infer"
+    }
+
+    async fn parse(self, context: &Context<'_>) -> Result<Call<KServeAnswer>, ApiError> {
+        let model = context.model(Some(&self.name))?;
+        let body = self.body.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(state.config.max_body_bytes)
+                ApiError::too_large(context.config.max_body_bytes)
             } else {
                 ApiError::bad_request(e.body_text())
             }
@@ -265,20 +289,25 @@ pub async fn infer(
                 request.inputs.len()
             )));
         };
-        let outputs = requested_outputs(&request, served.classifier.classes())?;
-        let n = input
-            .shape
-            .first()
-            .map_or(1, |&n| n.clamp(1, 4096) as usize);
-        let announced = served.batcher.announce(n);
-        let images = inputs_from_tensor(input, &state, &label).await?;
-        let n = images.len();
-        let deadline = arrived + state.config.request_timeout;
-        let results = served.batcher.run(images, deadline, announced).await?;
-        let classes = served.classifier.classes();
-        let logits: Vec<Vec<f32>> = results.into_iter().map(|o| o.logits).collect();
-        let labels = served.classifier.labels.as_ref();
-        let outputs = outputs
+        let outputs = requested_outputs(&request, model.classifier.classes())?;
+        let inputs = inputs_from_tensor(input, context.config.batch.max_queue)?;
+        Ok(Call {
+            model,
+            inputs,
+            answer: KServeAnswer {
+                id: request.id,
+                outputs,
+            },
+        })
+    }
+
+    fn respond(answer: KServeAnswer, model: &Classifier, inferred: Inferred) -> Response {
+        let classes = model.classes();
+        let logits = inferred.logits;
+        let n = logits.len();
+        let labels = model.labels.as_ref();
+        let outputs = answer
+            .outputs
             .into_iter()
             .map(|(name, k)| {
                 let rows: Vec<Vec<f32>> = if name == "probabilities" {
@@ -306,16 +335,14 @@ pub async fn infer(
                 }
             })
             .collect();
-        Ok(InferResponse {
-            model_name: served.classifier.name.clone(),
+        Json(InferResponse {
+            model_name: model.name.clone(),
             model_version: "1",
-            id: request.id,
+            id: answer.id,
             outputs,
         })
+        .into_response()
     }
-    .await;
-    let result = result.map(|body| Json(body).into_response());
-    state.finish_inference(label, route, arrived, result)
 }
 
 /// `(output name, classification k)` pairs; `logits` when none are requested.
@@ -352,8 +379,8 @@ fn requested_outputs(
 }
 
 /// Triton's classification strings, best first: `value:index:label` (or `value:index`).
-fn classification(row: &[f32], k: usize, labels: Option<&crate::registry::Labels>) -> Vec<String> {
-    crate::classify::top_k(row, k, labels)
+fn classification(row: &[f32], k: usize, labels: Option<&Labels>) -> Vec<String> {
+    top_k(row, k, labels)
         .into_iter()
         .map(|p| match p.label {
             Some(l) => format!("{}:{}:{}", row[p.index], p.index, l),
@@ -362,14 +389,10 @@ fn classification(row: &[f32], k: usize, labels: Option<&crate::registry::Labels
         .collect()
 }
 
-/// The images of the one input: FP32 rows as they are, BYTES decoded and preprocessed.
-async fn inputs_from_tensor(
-    input: &RequestInput,
-    state: &AppState,
-    model: &str,
-) -> Result<Vec<Vec<f32>>, ApiError> {
-    let per = 3 * INPUT_SIZE * INPUT_SIZE;
-    let max_images = state.config.batch.max_queue;
+/// The images of the one input: FP32 rows as they are, BYTES as the image files they hold
+/// (base64-decoded).
+fn inputs_from_tensor(input: &RequestInput, max_images: usize) -> Result<Inputs, ApiError> {
+    let per = INPUT_LEN;
     match input.datatype.as_str() {
         "FP32" => {
             let side = INPUT_SIZE as i64;
@@ -397,7 +420,9 @@ async fn inputs_from_tensor(
                     n * per
                 )));
             }
-            Ok(flat.chunks_exact(per).map(<[f32]>::to_vec).collect())
+            Ok(Inputs::Preprocessed(
+                flat.chunks_exact(per).map(<[f32]>::to_vec).collect(),
+            ))
         }
         "BYTES" => {
             let items = match &input.data {
@@ -430,7 +455,7 @@ async fn inputs_from_tensor(
                 let bytes = decode_base64(s, i)?;
                 files.push(bytes);
             }
-            Ok(state.preprocess(model, files).await?.0)
+            Ok(Inputs::Encoded(files))
         }
         other => Err(ApiError::bad_request(format!(
             "input datatype {other:?} is not supported; send FP32 [N,3,224,224] or BYTES [N]"

@@ -10,7 +10,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::batcher::BatchObserver;
+use crate::batcher::BatchObserver;
 
 /// All server metrics.
 #[derive(Clone)]

@@ -13,8 +13,7 @@ const APP_DIR: &str = "diracnet";
 /// Cache root when no explicit one is given: `$XDG_CACHE_HOME/diracnet`, else
 /// `~/.cache/diracnet`, else (no home directory at all) `<system temp dir>/diracnet`.
 ///
-/// An explicit root (`--cache-dir` / `DIRACNET_CACHE`) is handled by the CLI; see
-/// [`resolve_cache_dir`].
+/// An explicit root (`--cache-dir` / `DIRACNET_CACHE`) replaces it; the CLI decides.
 pub fn default_cache_dir() -> PathBuf {
     default_cache_dir_from(env_var("XDG_CACHE_HOME"), home_var())
         .unwrap_or_else(|| std::env::temp_dir().join(APP_DIR))
@@ -26,14 +25,6 @@ pub fn default_cache_dir_from(
     home: Option<OsString>,
 ) -> Option<PathBuf> {
     cache_base(xdg_cache_home, home).map(|base| base.join(APP_DIR))
-}
-
-/// The explicit cache root if one was given, else [`default_cache_dir`].
-pub fn resolve_cache_dir(explicit: Option<PathBuf>) -> PathBuf {
-    match explicit {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => default_cache_dir(),
-    }
 }
 
 /// torch.hub's checkpoint folder: `$TORCH_HOME/hub/checkpoints`, else
@@ -153,9 +144,5 @@ mod tests {
         let l = CacheLayout::new("/c");
         assert_eq!(l.checkpoints(), PathBuf::from("/c/checkpoints"));
         assert_eq!(l.converted(), PathBuf::from("/c/converted"));
-        assert_eq!(
-            resolve_cache_dir(Some(PathBuf::from("/e"))),
-            PathBuf::from("/e")
-        );
     }
 }

@@ -13,9 +13,12 @@ use std::{
 
 use super::{
     fold::{self, FoldError, FoldOrRead},
-    pth::{Checkpoint, HostTensor, PthError},
+    pth::{Checkpoint, PthError},
 };
-use crate::model::{Architecture, ModelError};
+use crate::{
+    model::{Architecture, ArchitectureError},
+    tensor::HostTensor,
+};
 
 /// Metadata key prefix in the safetensors header.
 pub const META_PREFIX: &str = "diracnet.";
@@ -36,11 +39,11 @@ pub enum ConvertError {
     },
     /// The folded tensors do not form a DiracNet chain.
     #[error("{path}: {source}")]
-    Model {
+    Architecture {
         /// The input file.
         path: PathBuf,
         /// The architecture problem.
-        source: ModelError,
+        source: ArchitectureError,
     },
     /// A safetensors header could not be read.
     #[error("{path}: not a safetensors file: {reason}")]
@@ -141,7 +144,7 @@ pub fn read_folded(
         .map(|(k, t)| (k.clone(), t.shape.clone()))
         .collect();
     let architecture =
-        Architecture::from_shapes(&folded_shapes).map_err(|source| ConvertError::Model {
+        Architecture::from_shapes(&folded_shapes).map_err(|source| ConvertError::Architecture {
             path: input.to_path_buf(),
             source,
         })?;

@@ -15,6 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::hub::{hash_prefix, is_http_url};
+
 /// Read/write chunk size (torch.hub uses 128 KiB too).
 const CHUNK: usize = 128 * 1024;
 
@@ -176,31 +178,6 @@ impl FetchError {
     }
 }
 
-/// Whether `s` is an `http://` or `https://` URL (scheme case-insensitive).
-pub fn is_url(s: &str) -> bool {
-    starts_with_ignore_case(s, "http://") || starts_with_ignore_case(s, "https://")
-}
-
-/// torch.hub's hash prefix: group 1 of the first match of `-([a-f0-9]*)\.` in the file name.
-///
-/// `"diracnet18v2folded-a2174e15.pth"` → `Some("a2174e15")`; `"x-.pth"` → `Some("")` (passes
-/// any hash); no match → `None` (no check).
-pub fn hash_prefix(file_name: &str) -> Option<&str> {
-    let bytes = file_name.as_bytes();
-    for (start, _) in bytes.iter().enumerate().filter(|&(_, &b)| b == b'-') {
-        let digits = bytes[start + 1..]
-            .iter()
-            .take_while(|&&b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            .count();
-        let end = start + 1 + digits;
-        if bytes.get(end) == Some(&b'.') {
-            // Only ASCII bytes were skipped, so these are char boundaries.
-            return Some(&file_name[start + 1..end]);
-        }
-    }
-    None
-}
-
 /// SHA-256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut file = std::fs::File::open(path)?;
@@ -267,7 +244,7 @@ fn file_name_from_url(url: &str) -> Result<String, FetchError> {
         url: url.to_owned(),
         reason,
     };
-    if !is_url(url) {
+    if !is_http_url(url) {
         return Err(invalid(
             "only http:// and https:// URLs can be fetched".into(),
         ));
@@ -612,12 +589,6 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
-    s.as_bytes()
-        .get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 fn to_hex(bytes: &[u8]) -> String {

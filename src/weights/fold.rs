@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use super::pth::HostTensor;
+use crate::tensor::HostTensor;
 
 /// Batch-norm epsilon used by the seed (PyTorch's default).
 pub const BN_EPS: f64 = 1e-5;
@@ -118,10 +118,10 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Layout, FoldError
     })
 }
 
-/// Names of the tensors to read for `layout`, mapped from the file's names. For a folded
-/// layout: every name under the prefix, renamed to the canonical `features.*` / `fc.*` form
-/// (the model validates them later). For an unfolded layout: every name under the prefix.
-pub fn source_names(layout: &Layout, shapes: &BTreeMap<String, Vec<usize>>) -> Vec<String> {
+/// Names of the checkpoint's tensors to read for `layout`: every name under its prefix, as the
+/// file spells it ([`to_folded`] renames a folded layout's to the canonical `features.*` /
+/// `fc.*` form; the architecture check validates them later).
+pub fn checkpoint_names(layout: &Layout, shapes: &BTreeMap<String, Vec<usize>>) -> Vec<String> {
     let prefix = match layout {
         Layout::Folded { prefix, .. } | Layout::Unfolded { prefix } => prefix,
     };
@@ -143,7 +143,7 @@ pub fn to_folded<E>(
     match layout {
         Layout::Folded { prefix, features } => {
             let mut out = BTreeMap::new();
-            for key in source_names(layout, shapes) {
+            for key in checkpoint_names(layout, shapes) {
                 let short = &key[prefix.len()..];
                 let name = if *features || short.starts_with("fc.") {
                     short.to_string()

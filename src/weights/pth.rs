@@ -16,6 +16,8 @@ use std::{
 
 use pytorch_reader::{DType, FileFormat, PytorchReader};
 
+use crate::tensor::HostTensor;
+
 /// Errors reading a `.pth` file.
 #[derive(Debug, thiserror::Error)]
 pub enum PthError {
@@ -56,22 +58,6 @@ fn is_tar(path: &Path) -> bool {
         })
         .is_ok()
         && &magic == b"ustar"
-}
-
-/// A tensor read into memory as `f32`, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Extents, outermost first.
-    pub shape: Vec<usize>,
-    /// `shape.iter().product()` values.
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    /// Number of elements.
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
 }
 
 /// An opened `.pth` file: tensor names and shapes, bytes read on demand.

@@ -272,6 +272,7 @@ unsafe fn micro_portable<const R: usize>(
         // SAFETY: p < k, so the panel row and each A element are in bounds (caller's contract).
         let brow: &[f32; NR] = unsafe { &*(b.add(p * NR) as *const [f32; NR]) };
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: r < R rows of A and p < k columns, in bounds by the caller's contract.
             let av = unsafe { *a.add(r * lda + p) };
             for (x, &bv) in acc_r.iter_mut().zip(brow) {
                 *x += av * bv;

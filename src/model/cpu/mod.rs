@@ -1,9 +1,10 @@
 //! The fast CPU path, as candle custom ops.
 //!
 //! candle's own CPU conv re-lays out weights and activations on every call and runs a
-//! half-speed GEMM (see `shared/notes/cpu-conv.md`). These ops instead keep activations in NHWC
-//! (channels innermost) from the stem to the head, pack the weights once at load, fuse bias and
-//! ReLU into each conv, and run the 3×3 convs as Winograd F(4×4, 3×3):
+//! half-speed GEMM (DiracNet-18 runs about 5× slower on it: the README's "CPU speed" table).
+//! These ops instead keep activations in NHWC (channels innermost) from the stem to the head,
+//! pack the weights once at load, fuse bias and ReLU into each conv, and run the 3×3 convs as
+//! Winograd F(4×4, 3×3):
 //!
 //! ```text
 //! [N,3,224,224] NCHW ─ Im2colConv 7×7/2 (+bias, ReLU) ─ MaxPool 3/2 ─▶ [N,56,56,64] NHWC
@@ -14,6 +15,12 @@
 //! leading ReLU, or the head's; max-pooling commutes with ReLU), so each conv applies that ReLU
 //! itself. Work is spread over the rayon pool (`--threads`); each work item owns a disjoint part
 //! of the output.
+//!
+//! Files: `gemm.rs` (the packed GEMM and its micro-kernels: AVX2+FMA chosen at run time by
+//! [`Isa::detect`], and the portable twin every SIMD kernel is tested against), `winograd.rs`
+//! (the F(4×4, 3×3) transforms), this file (the ops: im2col stem, Winograd conv, max-pool). A
+//! new SIMD kernel goes next to its portable twin, behind an [`Isa`] check, with a test that
+//! compares the two on ragged shapes.
 
 pub mod gemm;
 mod winograd;
@@ -62,6 +69,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 struct Shared(*mut f32);
 // SAFETY: every work item writes only the output elements it owns (disjoint by construction).
 unsafe impl Send for Shared {}
+// SAFETY: as for `Send`: shared only among work items with disjoint parts of the output.
 unsafe impl Sync for Shared {}
 
 /// The contiguous f32 data of a rank-4 input.

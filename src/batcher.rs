@@ -1,4 +1,6 @@
-//! Dynamic batching: a bounded queue per model, a batching task, and one compute thread.
+//! Dynamic batching: a bounded queue per model, a batching task, and one compute thread. This
+//! is where the batching policy lives. It knows nothing of HTTP, images or the network: it
+//! batches rows of `f32` and hands each batch to the compute function it was given.
 //!
 //! ```text
 //! handlers ──submit()──▶ [queue: unbounded channel, admission bounded by a semaphore]
@@ -9,8 +11,8 @@
 //!                  max_batch_delay for them (dispatching at once when the batch fills);
 //!                  skips jobs whose client left and fails jobs past their deadline
 //!                              │ one batch at a time
-//!                  compute thread (std::thread) — candle forward pass, then answers each
-//!                  job through its own oneshot
+//!                  compute thread (std::thread) — the compute function (the server's: a
+//!                  candle forward pass), then answers each job through its own oneshot
 //! ```
 //!
 //! The semantics are Triton's dynamic batcher with `max_queue_delay`, with one refinement: the
@@ -32,7 +34,7 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::classify::Classifier;
+use crate::panic::panic_message;
 
 /// Batching knobs.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +76,12 @@ pub struct JobOutput {
     /// Size of the batch it ran in.
     pub batch_size: usize,
 }
+
+/// What a batcher runs on each batch: one output row per input row, in order, or an error
+/// message (answered to every job of the batch as [`JobError::Inference`]).
+pub trait Compute: FnMut(&[&[f32]]) -> Result<Vec<Vec<f32>>, String> + Send + 'static {}
+
+impl<F> Compute for F where F: FnMut(&[&[f32]]) -> Result<Vec<Vec<f32>>, String> + Send + 'static {}
 
 /// Observations the batcher reports (implemented by the server's metrics).
 pub trait BatchObserver: Send + Sync + 'static {
@@ -187,41 +195,45 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batching task (on the current tokio runtime) and the compute thread.
+    /// Starts the batching task of model `model` (on the current tokio runtime) and its compute
+    /// thread, which runs `compute` on each batch. Fails only if the thread cannot be started.
     pub fn spawn(
-        classifier: Arc<Classifier>,
+        model: &str,
+        compute: impl Compute,
         config: BatchConfig,
         observer: Arc<dyn BatchObserver>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         // The compute thread asks for work on `ready` when it is free; batches go on `batches`.
         let (ready_tx, ready_rx) = mpsc::channel::<()>(1);
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Job>>(1);
         let admission = Arc::new(Semaphore::new(config.max_queue));
         let incoming = Arc::new(AtomicUsize::new(0));
-        let model = classifier.name.clone();
+        let model = model.to_string();
+        let (thread_model, thread_observer) = (model.clone(), observer.clone());
+        std::thread::Builder::new()
+            .name(format!("compute-{model}"))
+            .spawn(move || {
+                compute_thread(&thread_model, compute, ready_tx, batch_rx, thread_observer)
+            })?;
         tokio::spawn(batching_task(
             Lane {
                 model: model.clone(),
                 config,
-                observer: observer.clone(),
+                observer,
                 incoming: incoming.clone(),
             },
             rx,
             ready_rx,
             batch_tx,
         ));
-        std::thread::Builder::new()
-            .name(format!("compute-{model}"))
-            .spawn(move || compute_thread(classifier, ready_tx, batch_rx, observer))
-            .expect("spawn compute thread");
-        Self {
+        Ok(Self {
             model,
             tx,
             incoming,
             admission,
             config,
-        }
+        })
     }
 
     /// Images waiting in the queue (the `diracnet_queue_depth` gauge, read at scrape time).
@@ -393,7 +405,8 @@ async fn batching_task(
 }
 
 fn compute_thread(
-    classifier: Arc<Classifier>,
+    model: &str,
+    mut compute: impl Compute,
     ready_tx: mpsc::Sender<()>,
     mut batch_rx: mpsc::Receiver<Vec<Job>>,
     observer: Arc<dyn BatchObserver>,
@@ -407,16 +420,10 @@ fn compute_thread(
         };
         let started = Instant::now();
         let inputs: Vec<&[f32]> = batch.iter().map(|j| j.input.as_slice()).collect();
-        // A panic inside candle must not kill the model: it becomes a 500 for this batch.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classifier.logits(&inputs)))
-                .map_err(|p| {
-                    p.downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panic in the forward pass".into())
-                })
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        // A panic in the compute function must not kill the model: it fails this batch only.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute(&inputs)))
+            .map_err(|p| panic_message(&*p, "panic in the forward pass"))
+            .and_then(|r| r);
         let inference = started.elapsed();
         let queue_times: Vec<Duration> = batch.iter().map(|j| started - j.submitted).collect();
         let size = batch.len();
@@ -437,7 +444,7 @@ fn compute_thread(
                     Ok(rows) => format!("{} rows of logits for a batch of {size}", rows.len()),
                     Err(e) => e,
                 };
-                tracing::error!(model = %classifier.name, error = %e, "inference failed");
+                tracing::error!(model, error = %e, "inference failed");
                 for job in batch {
                     let _ = job.reply.send(Err(JobError::Inference(e.clone())));
                 }
@@ -457,92 +464,134 @@ mod tests {
         fn abandoned(&self) {}
     }
 
-    /// A batcher whose compute side is the test: it says when the model is free and takes the
-    /// batches.
-    fn batcher(delay: Duration) -> (Batcher, mpsc::Sender<()>, mpsc::Receiver<Vec<Job>>) {
+    /// The test's side of a batcher started with [`Batcher::spawn`]: the compute function
+    /// reports each batch's rows on `batches` and, when the batcher was made `held`, computes
+    /// only once `release` says so. It answers each row with its first value, and panics on a
+    /// row starting with a negative value.
+    struct Model {
+        batches: mpsc::UnboundedReceiver<Vec<f32>>,
+        release: std::sync::mpsc::Sender<()>,
+    }
+
+    fn batcher(delay: Duration, held: bool) -> (Batcher, Model) {
         let config = BatchConfig {
             max_batch_size: 32,
             max_batch_delay: delay,
             max_queue: 64,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = mpsc::channel(1);
-        let (batch_tx, batch_rx) = mpsc::channel(1);
-        let incoming = Arc::new(AtomicUsize::new(0));
-        let lane = Lane {
-            model: "m".into(),
-            config,
-            observer: Arc::new(Quiet),
-            incoming: incoming.clone(),
+        let (batch_tx, batches) = mpsc::unbounded_channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let compute = move |rows: &[&[f32]]| {
+            let firsts: Vec<f32> = rows.iter().map(|r| r[0]).collect();
+            let _ = batch_tx.send(firsts.clone());
+            if held {
+                let _ = release_rx.recv();
+            }
+            assert!(firsts.iter().all(|&v| v >= 0.0), "a negative row");
+            Ok(firsts.into_iter().map(|v| vec![v]).collect())
         };
-        tokio::spawn(batching_task(lane, rx, ready_rx, batch_tx));
-        let batcher = Batcher {
-            model: "m".into(),
-            tx,
-            incoming,
-            admission: Arc::new(Semaphore::new(config.max_queue)),
-            config,
-        };
-        (batcher, ready_tx, batch_rx)
+        let batcher = Batcher::spawn("m", compute, config, Arc::new(Quiet)).expect("thread");
+        (batcher, Model { batches, release })
     }
 
     fn images(n: usize) -> Vec<Vec<f32>> {
         vec![vec![0.0]; n]
     }
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(600)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_are_never_split_nor_wait_for_images_already_queued() {
         // A delay this long would show if the task waited for images it already had.
-        let (batcher, ready, mut batches) = batcher(Duration::from_secs(5));
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let (batcher, mut model) = batcher(Duration::from_secs(5), false);
         for round in 0..200 {
-            ready.send(()).await.expect("batching task");
             let started = Instant::now();
-            let mut announced = batcher.announce(3);
-            let tickets = batcher
-                .submit(images(3), deadline, &mut announced)
-                .expect("room");
-            drop(announced);
-            let batch = batches.recv().await.expect("a batch");
-            assert_eq!(batch.len(), 3, "round {round}: the request was split");
+            let outputs = batcher.run(images(3), far(), batcher.announce(3));
+            let (outputs, batch) = tokio::join!(outputs, model.batches.recv());
+            assert_eq!(
+                batch.expect("a batch").len(),
+                3,
+                "round {round}: the request was split"
+            );
+            assert_eq!(outputs.expect("answers").len(), 3);
             assert!(
                 started.elapsed() < Duration::from_secs(2),
                 "round {round}: waited {:?} for queued images",
                 started.elapsed()
             );
             assert_eq!(batcher.incoming.load(Ordering::SeqCst), 0);
-            drop((tickets, batch));
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_waits_for_announced_images_up_to_the_delay() {
-        let (batcher, ready, mut batches) = batcher(Duration::from_secs(5));
-        let deadline = Instant::now() + Duration::from_secs(600);
-        ready.send(()).await.expect("batching task");
+        let (batcher, mut model) = batcher(Duration::from_secs(5), false);
         // B is announced (being decoded) when A is queued: the batch waits for B.
         let b_announced = batcher.announce(1);
         let mut a_announced = batcher.announce(1);
-        let a = batcher.submit(images(1), deadline, &mut a_announced);
+        let a = batcher.submit(images(1), far(), &mut a_announced);
         drop(a_announced);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut b_announced = b_announced;
-        let b = batcher.submit(images(1), deadline, &mut b_announced);
+        let b = batcher.submit(images(1), far(), &mut b_announced);
         drop(b_announced);
-        let batch = batches.recv().await.expect("a batch");
+        let batch = model.batches.recv().await.expect("a batch");
         assert_eq!(batch.len(), 2);
-        drop((a, b, batch));
+        drop((a, b));
 
         // An announcement that ends without images (a decoding error) stops counting.
-        ready.send(()).await.expect("batching task");
         drop(batcher.announce(2));
         assert_eq!(batcher.incoming.load(Ordering::SeqCst), 0);
         let started = Instant::now();
         let mut none = batcher.announce(0);
-        let c = batcher.submit(images(1), deadline, &mut none);
-        let batch = batches.recv().await.expect("a batch");
+        let c = batcher.submit(images(1), far(), &mut none);
+        let batch = model.batches.recv().await.expect("a batch");
         assert_eq!(batch.len(), 1);
         assert!(started.elapsed() < Duration::from_secs(2));
-        drop((c, batch));
+        drop(c);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_and_a_job_past_its_deadline_is_never_computed() {
+        let (batcher, mut model) = batcher(Duration::ZERO, true);
+        // The model is busy with A; B waits in the queue.
+        let a = batcher.submit(vec![vec![1.0]], far(), &mut batcher.announce(0));
+        assert_eq!(model.batches.recv().await, Some(vec![1.0]));
+        let soon = Instant::now() + Duration::from_millis(50);
+        let b = batcher.submit(vec![vec![2.0]], soon, &mut batcher.announce(0));
+        // 63 more fill the queue (64); one more is refused whole.
+        let rest = batcher.submit(images(63), far(), &mut batcher.announce(0));
+        assert_eq!(batcher.queue_depth(), 64);
+        let refused = batcher.submit(images(1), far(), &mut batcher.announce(0));
+        assert!(matches!(refused, Err(JobError::QueueFull(_))));
+        let b = b.expect("room").pop().expect("a ticket");
+        assert!(matches!(b.wait().await, Err(JobError::Timeout(_))));
+        // B left the queue at its deadline: the next batch holds the 63 only.
+        model.release.send(()).expect("compute thread");
+        let a = a.expect("room").pop().expect("a ticket").wait().await;
+        assert_eq!(a.expect("computed").logits, vec![1.0]);
+        let batch = model.batches.recv().await.expect("a batch");
+        assert_eq!(batch, vec![0.0; 32], "the largest batch, without B");
+        drop(rest);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_batch_fails_alone_and_the_model_goes_on() {
+        let (batcher, mut model) = batcher(Duration::ZERO, false);
+        let bad = batcher
+            .run(vec![vec![-1.0]], far(), batcher.announce(1))
+            .await;
+        assert!(
+            matches!(bad, Err(JobError::Inference(ref m)) if m.contains("a negative row")),
+            "{bad:?}"
+        );
+        let good = batcher
+            .run(vec![vec![3.0]], far(), batcher.announce(1))
+            .await;
+        assert_eq!(good.expect("computed")[0].logits, vec![3.0]);
+        assert_eq!(model.batches.recv().await, Some(vec![-1.0]));
+        assert_eq!(model.batches.recv().await, Some(vec![3.0]));
     }
 }

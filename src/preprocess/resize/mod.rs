@@ -5,7 +5,8 @@ mod keys_avx2;
 
 use image::RgbImage;
 
-use super::{INPUT_SIZE, RESIZE_SHORT_SIDE};
+use super::RESIZE_SHORT_SIDE;
+use crate::tensor::INPUT_SIZE;
 
 /// Which of OpenCV's two `INTER_CUBIC` implementations [`resize_crop_with`] reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,7 +39,7 @@ pub fn scaled_size(width: u32, height: u32) -> (u64, u64) {
 /// Offset of the centre crop along a side of `len`: Python's `int(round((len - 224) / 2.))`,
 /// whose `round` sends halves to the even neighbour (383 → 79.5 → 80, 341 → 58.5 → 58).
 pub fn crop_offset(len: u64) -> u64 {
-    ((len as f64 - f64::from(INPUT_SIZE)) / 2.0).round_ties_even() as u64
+    ((len as f64 - INPUT_SIZE as f64) / 2.0).round_ties_even() as u64
 }
 
 /// `Scale(256)` with OpenCV `INTER_CUBIC`, then `CenterCrop(224)`: 224×224 RGB8, as stock
@@ -105,27 +106,27 @@ fn crop_lines(
 ) -> RgbImage {
     let (width, height) = lines.size();
     if width == 0 || height == 0 {
-        return RgbImage::new(INPUT_SIZE, INPUT_SIZE);
+        return RgbImage::new(INPUT_SIZE as u32, INPUT_SIZE as u32);
     }
     let (dst_w, dst_h) = scaled_size(width, height);
     let (x0, y0) = (crop_offset(dst_w) as usize, crop_offset(dst_h) as usize);
     if (dst_w, dst_h) == (u64::from(width), u64::from(height)) {
         // Scale is a no-op (cv2.resize to the same size copies); both sides are ≥ 256.
-        let side = INPUT_SIZE as usize;
+        let side = INPUT_SIZE;
         let mut data = Vec::with_capacity(side * side * 3);
         for y in 0..side {
             let row = &lines.line(y0 + y)[x0 * 3..(x0 + side) * 3];
             data.extend_from_slice(row);
             row_done(y, row);
         }
-        return RgbImage::from_raw(INPUT_SIZE, INPUT_SIZE, data)
-            .unwrap_or_else(|| RgbImage::new(INPUT_SIZE, INPUT_SIZE));
+        let side = INPUT_SIZE as u32;
+        return RgbImage::from_raw(side, side, data).unwrap_or_else(|| RgbImage::new(side, side));
     }
     resample_window(
         lines,
         (dst_w, dst_h),
         (x0 as u64, y0 as u64),
-        (INPUT_SIZE, INPUT_SIZE),
+        (INPUT_SIZE as u32, INPUT_SIZE as u32),
         arithmetic,
         kernels,
         row_done,

@@ -1,0 +1,130 @@
+//! Loading a model for classification: [`Classifier::load`] resolves a model's weights (fetch,
+//! convert, cache), builds the network on a backend and picks its class labels. The CLI and the
+//! server classify through it.
+
+use candle_core::{Device, Tensor};
+
+use crate::{
+    model::{Backend, DiracNet, ModelError},
+    prediction::{top_k, Prediction},
+    registry::{Labels, ModelSpec},
+    tensor::{INPUT_LEN, INPUT_SIZE},
+    weights::{self, ResolvedWeights, WeightsError, WeightsOptions},
+};
+
+/// A loaded model with its serving name and labels.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    /// Name the model is served under.
+    pub name: String,
+    /// The network.
+    pub model: DiracNet,
+    /// Class names, when a list matches the class count.
+    pub labels: Option<Labels>,
+    /// Where the weights came from.
+    pub weights: ResolvedWeights,
+}
+
+/// Errors loading a classifier.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Fetching or converting the weights failed.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The weights do not form a DiracNet, or candle failed.
+    #[error("loading {path}: {source}")]
+    Model {
+        /// The safetensors file.
+        path: String,
+        /// What went wrong.
+        source: ModelError,
+    },
+}
+
+impl Classifier {
+    /// Resolves the weights behind `spec` (download, convert, cache) and loads them on
+    /// `backend`.
+    pub async fn load(
+        spec: &ModelSpec,
+        opts: &WeightsOptions,
+        backend: &Backend,
+    ) -> Result<Self, LoadError> {
+        let weights = weights::resolve(spec, opts).await?;
+        let path = weights.path.clone();
+        let backend = backend.clone();
+        let model =
+            tokio::task::spawn_blocking(move || DiracNet::from_safetensors(&path, &backend))
+                .await
+                .map_err(|e| LoadError::Model {
+                    path: weights.path.display().to_string(),
+                    source: ModelError::File {
+                        path: weights.path.display().to_string(),
+                        reason: format!("load task failed: {e}"),
+                    },
+                })?
+                .map_err(|source| LoadError::Model {
+                    path: weights.path.display().to_string(),
+                    source,
+                })?;
+        let labels = Labels::for_model(&spec.source, model.architecture().classes);
+        Ok(Self {
+            name: spec.name.clone(),
+            model,
+            labels,
+            weights,
+        })
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.model.architecture().classes
+    }
+
+    /// Logits, one row per image, for normalised `[3, 224, 224]` images (CHW, f32), in one
+    /// forward pass.
+    pub fn logits(&self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut flat = Vec::with_capacity(images.len() * INPUT_LEN);
+        for img in images {
+            if img.len() != INPUT_LEN {
+                return Err(ModelError::InputShape {
+                    found: vec![img.len()],
+                });
+            }
+            flat.extend_from_slice(img);
+        }
+        let x = Tensor::from_vec(
+            flat,
+            (images.len(), 3, INPUT_SIZE, INPUT_SIZE),
+            &Device::Cpu,
+        )?;
+        self.logits_tensor(&x)
+    }
+
+    /// [`Classifier::logits`] in forward passes of at most `batch` images, so that memory stays
+    /// bounded for any number of images.
+    pub fn logits_in_batches(
+        &self,
+        images: &[&[f32]],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut logits = Vec::with_capacity(images.len());
+        for chunk in images.chunks(batch.max(1)) {
+            logits.extend(self.logits(chunk)?);
+        }
+        Ok(logits)
+    }
+
+    /// Logits for a batch tensor `[N, 3, 224, 224]`.
+    pub fn logits_tensor(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        Ok(self
+            .model
+            .forward(x)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?)
+    }
+
+    /// Top-k predictions for one row of logits.
+    pub fn predictions(&self, logits: &[f32], k: usize) -> Vec<Prediction> {
+        top_k(logits, k, self.labels.as_ref())
+    }
+}

@@ -1,0 +1,109 @@
+//! The subcommands, one file each: its flags (a clap `Args` struct) and its `run`. What they
+//! share lives here: [`ModelArgs`], the options of every subcommand that loads a model.
+
+pub mod bench;
+pub mod classify;
+pub mod convert;
+pub mod fetch;
+pub mod models;
+pub mod preprocess;
+pub mod serve;
+
+use std::{io::IsTerminal, path::PathBuf};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use diracnet::{
+    device::DeviceSpec,
+    model::{Backend, ConvImpl, Precision},
+    registry::{ModelSpec, Registry},
+    weights::{cache, WeightsOptions},
+};
+
+/// Options of every subcommand that loads a model.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model: registry name, http(s)/file URL, or .pth/.safetensors path; `NAME=SOURCE` to rename.
+    /// Repeat for several.
+    #[arg(
+        long = "model",
+        short = 'm',
+        env = "DIRACNET_MODEL",
+        value_delimiter = ',',
+        default_value = "diracnet18"
+    )]
+    pub models: Vec<String>,
+    /// Cache folder for downloads and converted weights
+    /// [default: $XDG_CACHE_HOME/diracnet or ~/.cache/diracnet].
+    #[arg(long, env = "DIRACNET_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// Never use the network; a model missing from the caches is an error.
+    #[arg(long, env = "DIRACNET_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub offline: bool,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "DIRACNET_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Convolutions: `fast` (CPU: NHWC, packed weights, Winograd 3×3), `candle` (candle's
+    /// conv2d, any device), or `auto` (fast on CPU, candle on CUDA).
+    #[arg(
+        long,
+        env = "DIRACNET_CONV_IMPL",
+        default_value = "auto",
+        value_parser = choice::<ConvImpl>
+    )]
+    pub conv_impl: ConvImpl,
+    /// Compute dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16. f16/bf16 need
+    /// `--conv-impl candle` on the CPU.
+    #[arg(
+        long,
+        env = "DIRACNET_DTYPE",
+        default_value = "auto",
+        value_parser = choice::<Precision>
+    )]
+    pub dtype: Precision,
+}
+
+/// Parses one of `T`'s names (or aliases), ignoring case and surrounding blanks; the error lists
+/// the choices: "expected auto, fast or candle".
+fn choice<T: ValueEnum>(s: &str) -> Result<T, String> {
+    T::from_str(s.trim(), true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        match names.split_last() {
+            Some((last, [])) => format!("expected {last}"),
+            Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+            None => "no value is accepted".to_string(),
+        }
+    })
+}
+
+impl ModelArgs {
+    /// The models as named, resolved against the built-in registry.
+    pub fn specs(&self) -> Result<Vec<ModelSpec>> {
+        let registry = Registry::builtin()?;
+        self.models
+            .iter()
+            .map(|m| Ok(ModelSpec::parse(m, &registry)?))
+            .collect()
+    }
+
+    /// Opens the device and resolves the conv implementation and dtype for it.
+    pub fn backend(&self) -> Result<Backend> {
+        Ok(Backend::new(
+            self.device.open()?,
+            self.conv_impl,
+            self.dtype,
+        )?)
+    }
+
+    /// Cache and network options (a progress bar when stderr is a terminal).
+    pub fn weights_options(&self) -> WeightsOptions {
+        let root = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(cache::default_cache_dir);
+        WeightsOptions::new(root, self.offline, std::io::stderr().is_terminal())
+    }
+}

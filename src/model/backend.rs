@@ -1,0 +1,172 @@
+//! Where and how the network runs: the device, the convolution implementation and the numeric
+//! type, chosen once per process ([`Backend::new`] resolves `auto` and refuses what cannot run).
+
+use std::fmt;
+
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+
+use super::{cpu, ModelError};
+
+/// How the convolutions run (`--conv-impl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ConvImpl {
+    /// `fast` on the CPU, `candle` on CUDA.
+    #[default]
+    Auto,
+    /// The fast CPU path ([`cpu`]): NHWC, packed weights, Winograd 3×3, fused bias+ReLU.
+    Fast,
+    /// candle's own `conv2d` (NCHW), on any device.
+    Candle,
+}
+
+/// Floating-point type of weights and activations (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Precision {
+    /// f16 on CUDA, f32 on the CPU.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    #[value(alias = "fp32", alias = "float32")]
+    F32,
+    /// IEEE half.
+    #[value(alias = "fp16", alias = "float16", alias = "half")]
+    F16,
+    /// bfloat16.
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+/// The name a value has on the command line (`auto`, `fast`, `f32`, ...).
+fn write_value_name(value: &impl ValueEnum, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match value.to_possible_value() {
+        Some(v) => f.write_str(v.get_name()),
+        None => Ok(()),
+    }
+}
+
+impl fmt::Display for ConvImpl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_value_name(self, f)
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_value_name(self, f)
+    }
+}
+
+/// Where and how a network runs: device, convolution implementation, dtype (all resolved).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    device: Device,
+    conv: ConvImpl,
+    dtype: DType,
+}
+
+impl Backend {
+    /// Resolves `auto` choices for `device` and refuses combinations that cannot run: the fast
+    /// path is CPU-only and f32.
+    pub fn new(device: Device, conv: ConvImpl, precision: Precision) -> Result<Self, ModelError> {
+        let cuda = device.is_cuda();
+        let dtype = match precision {
+            Precision::Auto if cuda => DType::F16,
+            Precision::Auto | Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        };
+        if dtype == DType::BF16 && !cuda {
+            // candle's CPU matmul has no bf16 kernel.
+            return Err(ModelError::Backend(
+                "--dtype bf16 needs a CUDA device; use f32 (or f16) on the CPU".into(),
+            ));
+        }
+        let conv = match conv {
+            ConvImpl::Auto if device.is_cpu() && dtype == DType::F32 => ConvImpl::Fast,
+            ConvImpl::Auto => ConvImpl::Candle,
+            ConvImpl::Fast if !device.is_cpu() => {
+                return Err(ModelError::Backend(
+                    "--conv-impl fast runs on the CPU only; use candle (or auto) on a GPU".into(),
+                ));
+            }
+            ConvImpl::Fast if dtype != DType::F32 => {
+                return Err(ModelError::Backend(format!(
+                    "--conv-impl fast computes in f32; --dtype {precision} needs --conv-impl candle"
+                )));
+            }
+            other => other,
+        };
+        Ok(Self {
+            device,
+            conv,
+            dtype,
+        })
+    }
+
+    /// The CPU, fast path, f32: the default for tests and tools.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            conv: ConvImpl::Fast,
+            dtype: DType::F32,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The convolution implementation (never `Auto`).
+    pub fn conv(&self) -> ConvImpl {
+        self.conv
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `f32`, `f16` or `bf16`.
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype.as_str()
+    }
+
+    /// The convolution implementation in words, e.g. `fast (winograd f4x4, avx2+fma)`.
+    pub fn conv_description(&self) -> String {
+        match self.conv {
+            ConvImpl::Fast => format!("fast (winograd f4x4, {})", cpu::isa().name()),
+            other => other.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_resolves_auto_and_refuses_what_cannot_run() {
+        let b = Backend::new(Device::Cpu, ConvImpl::Auto, Precision::Auto).unwrap();
+        assert_eq!((b.conv(), b.dtype()), (ConvImpl::Fast, DType::F32));
+        let b = Backend::new(Device::Cpu, ConvImpl::Auto, Precision::F16).unwrap();
+        assert_eq!((b.conv(), b.dtype()), (ConvImpl::Candle, DType::F16));
+        let e = Backend::new(Device::Cpu, ConvImpl::Fast, Precision::F16).unwrap_err();
+        assert!(e.to_string().contains("--conv-impl candle"), "{e}");
+        let e = Backend::new(Device::Cpu, ConvImpl::Candle, Precision::Bf16).unwrap_err();
+        assert!(e.to_string().contains("CUDA"), "{e}");
+    }
+
+    #[test]
+    fn command_line_names_parse_and_print() {
+        assert_eq!(ConvImpl::from_str("FAST", true), Ok(ConvImpl::Fast));
+        assert!(ConvImpl::from_str("winograd", true).is_err());
+        assert_eq!(Precision::from_str("fp16", true), Ok(Precision::F16));
+        assert_eq!(Precision::from_str("bfloat16", true), Ok(Precision::Bf16));
+        assert!(Precision::from_str("f64", true).is_err());
+        assert_eq!(ConvImpl::Candle.to_string(), "candle");
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert_eq!(Precision::Auto.to_string(), "auto");
+    }
+}

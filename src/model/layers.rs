@@ -1,0 +1,200 @@
+//! The layers of the folded chain, one struct each, with `load` (its weights from a
+//! [`VarBuilder`] at its prefix) and `forward`, as candle-transformers writes its models.
+//!
+//! Every layer comes in the two implementations of [`ConvImpl`]:
+//!
+//! * **candle**: candle's `conv2d` and pooling, NCHW, any device and dtype. Each block is
+//!   ReLU → conv, as PyTorch runs it.
+//! * **fast** ([`cpu`]): the CPU custom ops, NHWC (channels innermost) from the stem to the head.
+//!   Every conv's output goes through a ReLU before anything else reads it (the next block's
+//!   leading ReLU, or the head's; max-pooling commutes with ReLU), so each conv applies that
+//!   ReLU itself, fused with its bias, and a block is conv → ReLU.
+//!
+//! Both give the same chain: conv 7×7/2 → maxpool 3/2 → [ReLU → conv 3×3] × blocks, maxpool 2
+//! between groups → ReLU → average → linear.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::{cpu, ConvImpl};
+
+/// The weights of a conv at `vb` (`weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`) as f32
+/// host values, for the fast ops to pack.
+fn host_conv(vb: &VarBuilder, c_out: usize, c_in: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let weight = vb.get((c_out, c_in, k, k), "weight")?;
+    let bias = vb.get(c_out, "bias")?;
+    Ok((weight.flatten_all()?.to_vec1()?, bias.to_vec1()?))
+}
+
+/// A conv with candle's `conv2d`, square kernel.
+fn candle_conv(
+    vb: VarBuilder,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(c_in, c_out, k, cfg, vb)
+}
+
+/// conv 7×7/2 pad 3 (+bias) → ReLU → maxpool 3/2 pad 1 (`features.conv`). Its output is
+/// ReLU'd.
+#[derive(Debug, Clone)]
+pub enum Stem {
+    /// NCHW in, NCHW out.
+    Candle(Conv2d),
+    /// NCHW in (the network input), NHWC out.
+    Fast(cpu::Im2colConv),
+}
+
+impl Stem {
+    /// Loads `weight` and `bias` at `vb` for `width` output channels.
+    pub fn load(vb: VarBuilder, width: usize, conv: ConvImpl) -> Result<Self> {
+        Ok(match conv {
+            ConvImpl::Fast => {
+                let (w, b) = host_conv(&vb, width, 3, 7)?;
+                Self::Fast(cpu::Im2colConv::new(&w, &b, width, 3, 7, 2, 3))
+            }
+            ConvImpl::Candle | ConvImpl::Auto => Self::Candle(candle_conv(vb, 3, width, 7, 2, 3)?),
+        })
+    }
+
+    /// `[N, 3, 224, 224]` → `[N, width, 56, 56]` (candle) or `[N, 56, 56, width]` (fast).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            // candle's pool has no padding. ReLU-then-zero-pad gives exactly
+            // relu(maxpool_{-inf pad}(x)), which is what the next block reads.
+            Self::Candle(conv) => conv
+                .forward(x)?
+                .relu()?
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2),
+            Self::Fast(conv) => {
+                x.contiguous()?
+                    .apply_op1_no_bwd(conv)?
+                    .apply_op1_no_bwd(&cpu::MaxPool {
+                        kernel: 3,
+                        stride: 2,
+                        pad: 1,
+                    })
+            }
+        }
+    }
+}
+
+/// ReLU → conv 3×3 pad 1 (+bias) (`features.group{g}.block{b}.conv`); the fast path runs it as
+/// conv → ReLU (see the module docs).
+#[derive(Debug, Clone)]
+pub enum Block {
+    /// candle's conv, NCHW.
+    Candle(Conv2d),
+    /// Winograd F(4×4, 3×3), NHWC, bias and ReLU fused.
+    Fast(cpu::WinogradConv),
+}
+
+impl Block {
+    /// Loads `weight` and `bias` at `vb`: `c_in` → `width` channels.
+    pub fn load(vb: VarBuilder, c_in: usize, width: usize, conv: ConvImpl) -> Result<Self> {
+        Ok(match conv {
+            ConvImpl::Fast => {
+                let (w, b) = host_conv(&vb, width, c_in, 3)?;
+                Self::Fast(cpu::WinogradConv::new(&w, &b, width, c_in))
+            }
+            ConvImpl::Candle | ConvImpl::Auto => {
+                Self::Candle(candle_conv(vb, c_in, width, 3, 1, 1)?)
+            }
+        })
+    }
+
+    /// Same spatial size in, same out.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(conv) => conv.forward(&x.relu()?),
+            Self::Fast(conv) => x.apply_op1_no_bwd(conv),
+        }
+    }
+}
+
+/// The blocks of one group (`features.group{g}`), then a 2×2 max-pool unless it is the last
+/// group.
+#[derive(Debug, Clone)]
+pub struct Group {
+    blocks: Vec<Block>,
+    pool: bool,
+    conv: ConvImpl,
+}
+
+impl Group {
+    /// Loads `blocks` blocks at `vb` (`block0`, `block1`, ...): `c_in` → `width` channels.
+    pub fn load(
+        vb: VarBuilder,
+        c_in: usize,
+        width: usize,
+        blocks: usize,
+        last: bool,
+        conv: ConvImpl,
+    ) -> Result<Self> {
+        let blocks = (0..blocks)
+            .map(|b| {
+                let c_in = if b == 0 { c_in } else { width };
+                Block::load(vb.pp(format!("block{b}")).pp("conv"), c_in, width, conv)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            blocks,
+            pool: !last,
+            conv,
+        })
+    }
+
+    /// Halves the spatial size unless this is the last group.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        match (self.pool, self.conv) {
+            (false, _) => Ok(x),
+            (true, ConvImpl::Fast) => x.apply_op1_no_bwd(&cpu::MaxPool {
+                kernel: 2,
+                stride: 2,
+                pad: 0,
+            }),
+            (true, ConvImpl::Candle | ConvImpl::Auto) => x.max_pool2d(2),
+        }
+    }
+}
+
+/// ReLU → average over the whole map → linear (`fc`).
+#[derive(Debug, Clone)]
+pub struct Head {
+    fc: Linear,
+    conv: ConvImpl,
+}
+
+impl Head {
+    /// Loads `fc.weight` `[classes, channels]` and `fc.bias` at `vb`.
+    pub fn load(vb: VarBuilder, channels: usize, classes: usize, conv: ConvImpl) -> Result<Self> {
+        Ok(Self {
+            fc: candle_nn::linear(channels, classes, vb)?,
+            conv,
+        })
+    }
+
+    /// `[N, classes]` logits, in the compute dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let pooled = match self.conv {
+            // NHWC, already ReLU'd by the last conv.
+            ConvImpl::Fast => x.mean((1, 2))?,
+            ConvImpl::Candle | ConvImpl::Auto => x.relu()?.mean((2, 3))?,
+        };
+        self.fc.forward(&pooled)
+    }
+}

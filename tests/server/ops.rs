@@ -1,0 +1,278 @@
+//! What operators use: `/metrics` (checked as `promtool` would), `/info`, `/openapi.json` and
+//! `/docs/`, and the drain on SIGTERM of a real `diracnet serve` process.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use reqwest::{Client, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{
+    config, dn18, eventually, image, json_of, medium_model, metric_at, TestServer,
+};
+
+/// What `promtool check metrics` checks of the text format, enough to catch a broken exposition.
+fn check_exposition(text: &str) -> Result<usize, String> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut helps = std::collections::BTreeSet::new();
+    let mut samples = 0;
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or("");
+            if !helps.insert(name.to_string()) {
+                return Err(format!("HELP twice for {name}"));
+            }
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (name, kind) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                return Err(format!("bad type {kind}"));
+            }
+            if kind == "counter" && !name.ends_with("_total") {
+                return Err(format!("counter {name} lacks _total"));
+            }
+            types.insert(name.to_string(), kind.to_string());
+        } else if line.starts_with('#') || line.is_empty() {
+            continue;
+        } else {
+            let (series, value) = line.rsplit_once(' ').ok_or(format!("no value: {line}"))?;
+            value
+                .parse::<f64>()
+                .map_err(|_| format!("bad value: {line}"))?;
+            let name = series.split('{').next().unwrap_or("");
+            if !valid_name(name) {
+                return Err(format!("bad name: {line}"));
+            }
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|b| types.get(*b).is_some_and(|t| t == "histogram"))
+                })
+                .unwrap_or(name);
+            if !types.contains_key(base) {
+                return Err(format!("sample before its TYPE: {line}"));
+            }
+            if series.contains('{') && !series.ends_with('}') {
+                return Err(format!("bad labels: {line}"));
+            }
+            samples += 1;
+        }
+    }
+    Ok(samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    c.post(s.url("/classify"))
+        .header("content-type", "image/png")
+        .body(image("tiny_5x7.png"))
+        .send()
+        .await
+        .unwrap();
+    let r = c.get(s.url("/metrics")).send().await.unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.text().await.unwrap();
+    let samples = check_exposition(&text).unwrap();
+    assert!(samples > 20);
+    for name in [
+        "diracnet_requests_total",
+        "diracnet_rejected_requests_total",
+        "diracnet_request_duration_seconds",
+        "diracnet_preprocess_duration_seconds",
+        "diracnet_queue_duration_seconds",
+        "diracnet_inference_duration_seconds",
+        "diracnet_batch_size",
+        "diracnet_queue_depth",
+        "diracnet_images_classified_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+    assert!(text.contains(
+        "diracnet_requests_total{code=\"200\",model=\"dn18w16_v03\",route=\"/classify\"} 1"
+    ));
+    assert!(text.contains("diracnet_request_duration_seconds_bucket{model=\"dn18w16_v03\",route=\"/classify\",le=\"+Inf\"} 1"));
+    assert!(text.contains("diracnet_preprocess_duration_seconds_count{model=\"dn18w16_v03\"} 1"));
+    assert!(check_exposition("# TYPE x_total counter\nx_total{a=\"1\" 2\n").is_err());
+    assert!(check_exposition("y 1\n").is_err());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_openapi_and_docs() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let (_, _, info) = json_of(c.get(s.url("/info")).send().await.unwrap()).await;
+    assert_eq!(info["device"], "cpu");
+    assert_eq!(info["ready"], true);
+    assert_eq!(info["models"][0]["depth"], 18);
+    assert_eq!(info["models"][0]["classes"], 1000);
+    assert_eq!(info["batching"]["max_batch_size"], 32);
+    let (_, _, list) = json_of(c.get(s.url("/v1/models")).send().await.unwrap()).await;
+    assert_eq!(list["models"][0]["name"], "dn18w16_v03");
+    let (_, _, api) = json_of(c.get(s.url("/openapi.json")).send().await.unwrap()).await;
+    for path in [
+        "/classify",
+        "/models/{name}/classify",
+        "/v2/models/{name}/infer",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/info",
+    ] {
+        assert!(
+            api["paths"][path].is_object(),
+            "{path} missing from the OpenAPI"
+        );
+    }
+    let docs = c.get(s.url("/docs/")).send().await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = medium_model(dir.path());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--model",
+            &format!("m={}", medium.display()),
+            "--device",
+            "cpu",
+        ])
+        .args(["--max-batch-size", "2", "--offline", "--log-format", "json"])
+        .env("DIRACNET_CACHE", dir.path())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = Client::new();
+    eventually(|| {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    let jpg = Arc::new(image("chelsea.jpg"));
+    let inflight: Vec<_> = (0..32)
+        .map(|_| {
+            let (c, url, body) = (c.clone(), format!("{base}/classify"), jpg.clone());
+            tokio::spawn(async move {
+                c.post(url)
+                    .header("content-type", "image/jpeg")
+                    .body(body.to_vec())
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    // Let the requests reach the server: queued + computed ≥ 30 (at most 2 are in the model).
+    eventually(|| {
+        let (c, base) = (c.clone(), base.clone());
+        async move {
+            let queued = metric_at(&c, &base, "diracnet_queue_depth{model=\"m\"}").await;
+            let done = metric_at(&c, &base, "diracnet_images_classified_total{model=\"m\"}").await;
+            queued + done >= 30.0
+        }
+    })
+    .await;
+    // A request whose body is still arriving holds the drain open: headers and half the body
+    // now, the rest after SIGTERM.
+    let half = jpg.len() / 2;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /classify HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: image/jpeg\r\ncontent-length: {}\r\n\r\n",
+        jpg.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&jpg[..half]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Readiness turns 503 (as soon as the signal is handled) and new inference is refused, while
+    // the queue drains.
+    eventually(|| {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            let (st, _, v) = json_of(r).await;
+            st == StatusCode::SERVICE_UNAVAILABLE && v["reason"] == "shutting_down"
+        }
+    })
+    .await;
+    let (st, _, v) = json_of(
+        c.post(format!("{base}/classify"))
+            .header("content-type", "image/jpeg")
+            .body(jpg.to_vec())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["type"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))
+    );
+    // The half-sent request completes and is answered.
+    slow.write_all(&jpg[half..]).await.unwrap();
+    let mut reply = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(30), slow.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &reply,
+        b"HTTP/1.1 200",
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    // Everything the server had accepted is answered 200; a request that had not reached it
+    // yet may be refused with 503, never dropped.
+    let mut answered = 0;
+    for r in inflight {
+        match r.await.unwrap().unwrap() {
+            StatusCode::OK => answered += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("in-flight request got {other}"),
+        }
+    }
+    assert!(
+        answered >= 30,
+        "only {answered} of 32 in-flight requests were answered"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
