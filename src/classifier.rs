@@ -32,12 +32,12 @@ pub enum LoadError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
     /// The weights do not form a DiracNet, or candle failed.
-    #[error("loading {path}: {source}")]
+    #[error("loading {path}: {cause}")]
     Model {
         /// The safetensors file.
         path: String,
         /// What went wrong.
-        source: ModelError,
+        cause: ModelError,
     },
 }
 
@@ -57,14 +57,14 @@ impl Classifier {
                 .await
                 .map_err(|e| LoadError::Model {
                     path: weights.path.display().to_string(),
-                    source: ModelError::File {
+                    cause: ModelError::File {
                         path: weights.path.display().to_string(),
                         reason: format!("load task failed: {e}"),
                     },
                 })?
-                .map_err(|source| LoadError::Model {
+                .map_err(|cause| LoadError::Model {
                     path: weights.path.display().to_string(),
-                    source,
+                    cause,
                 })?;
         let labels = Labels::for_model(&spec.source, model.architecture().classes);
         Ok(Self {

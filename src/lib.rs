@@ -7,7 +7,7 @@
 //!
 //! 0. Ground floor, the vocabulary every layer shares: [`tensor`] (a host tensor, the network
 //!    input's size), [`hub`] (torch.hub's naming rules for checkpoint URLs), [`device`] (`auto`,
-//!    `cpu`, `cuda[:N]`), [`npy`] (`.npy` files of host tensors), [`panic`] (a caught panic as a
+//!    `cpu`, `cuda[:N]`), [`npy`] (`.npy` files of host tensors), [`panic`](mod@panic) (a caught panic as a
 //!    message), [`memory`] (allocator settings, peak memory).
 //! 1. [`registry`] — the known models (`models/*.toml`), their label lists, how a user names a
 //!    model.

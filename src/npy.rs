@@ -15,12 +15,12 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
     /// I/O failure.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Not a float32 C-order `.npy` of the expected size.
     #[error("{path}: {reason}")]
@@ -34,9 +34,9 @@ pub enum NpyError {
 
 /// Reads a little-endian float32, C-order `.npy` file.
 pub fn read_f32(path: &Path) -> Result<HostTensor, NpyError> {
-    let io = |source| NpyError::Io {
+    let io = |cause| NpyError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let bad = |reason: String| NpyError::Format {
         path: path.to_path_buf(),
@@ -153,9 +153,9 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), NpyEr
     }
     std::fs::File::create(path)
         .and_then(|mut f| f.write_all(&out))
-        .map_err(|source| NpyError::Io {
+        .map_err(|cause| NpyError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })
 }
 

@@ -13,7 +13,7 @@
 //! Both give the same chain: conv 7×7/2 → maxpool 3/2 → [ReLU → conv 3×3] × blocks, maxpool 2
 //! between groups → ReLU → average → linear.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::{cpu, ConvImpl};
@@ -21,9 +21,10 @@ use super::{cpu, ConvImpl};
 /// The weights of a conv at `vb` (`weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`) as f32
 /// host values, for the fast ops to pack.
 fn host_conv(vb: &VarBuilder, c_out: usize, c_in: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let host = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
     let weight = vb.get((c_out, c_in, k, k), "weight")?;
     let bias = vb.get(c_out, "bias")?;
-    Ok((weight.flatten_all()?.to_vec1()?, bias.to_vec1()?))
+    Ok((host(weight)?, host(bias)?))
 }
 
 /// A conv with candle's `conv2d`, square kernel.

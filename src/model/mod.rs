@@ -64,5 +64,13 @@ pub enum ModelError {
     Backend(String),
     /// An error inside candle.
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+// By hand, not `#[from]`, which would also make candle's error the `source()` and print it
+// twice in an error chain: the message carries it.
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(e)
+    }
 }

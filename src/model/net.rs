@@ -26,8 +26,9 @@ pub struct DiracNet {
 
 impl DiracNet {
     /// Builds the chain of `arch` from the tensors at `vb` (canonical names: `features.…`,
-    /// `fc.…`). The fast path reads f32 host values, whatever `vb`'s dtype and device; candle's
-    /// takes the tensors as `vb` delivers them, so give it the backend's.
+    /// `fc.…`) for `backend`. `vb` delivers them as the layers will hold them: f32 on the CPU
+    /// for the fast path (its convs pack host copies, its `fc` runs on the CPU), the backend's
+    /// dtype and device for candle's ([`DiracNet::from_tensors`] chooses so).
     pub fn load(
         vb: VarBuilder,
         arch: &Architecture,

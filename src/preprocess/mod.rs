@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The steps are public so that each can be checked against OpenCV on its own:
-//! [`decode_rgb8`] (`decode.rs`) → [`resize_crop`] (`resize.rs`) → [`normalize`]
+//! [`decode_rgb8`] (`decode.rs`) → [`resize_crop`] (`resize/`) → [`normalize`]
 //! (`normalize.rs`); [`preprocess`] chains them. For a JPEG preprocessed while no other image
 //! is, it overlaps the first two: one thread decodes while another resizes the rows already
 //! decoded (the same arithmetic, so the same bytes), which hides most of the resize's time

@@ -2,14 +2,14 @@
 //!
 //! Known models are small TOML files in `models/` (embedded into the binary at build time by
 //! `build.rs`), next to the label lists they name: adding a model is adding a file there. A user
-//! names a model ([`spec`]) as
+//! names a model ([`ModelSpec`], in `spec.rs`) as
 //!
 //! * a registry name: `diracnet18`,
 //! * an `http(s)://` URL of a `.pth` file (downloaded into the cache, hash-checked torch.hub style),
 //! * a `file://` URL or a local path to a `.pth` or `.safetensors` file,
 //!
-//! optionally prefixed with the name to serve it under: `NAME=SOURCE`. [`labels`] holds the
-//! class-name lists.
+//! optionally prefixed with the name to serve it under: `NAME=SOURCE`. [`Labels`] (`labels.rs`)
+//! holds the class-name lists.
 
 mod labels;
 mod spec;

@@ -205,10 +205,15 @@ impl Protocol for ClassifyRequest {
         self.route
     }
 
+    fn precheck(&self) -> Result<(), ApiError> {
+        match &self.query {
+            Ok(_) => Ok(()),
+            Err(e) => Err(query_error(e)),
+        }
+    }
+
     async fn parse(self, context: &Context<'_>) -> Result<Call<ClassifyAnswer>, ApiError> {
-        let Query(query) = self
-            .query
-            .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+        let Query(query) = self.query.map_err(|e| query_error(&e))?;
         let config = context.config;
         let parsed = parse(self.request, config.max_body_bytes, config.batch.max_queue).await?;
         let wanted = self.path_model.or(query.model).or(parsed.model);
@@ -260,6 +265,10 @@ impl Protocol for ClassifyRequest {
         inferred.insert_timing_headers(response.headers_mut());
         response
     }
+}
+
+fn query_error(e: &QueryRejection) -> ApiError {
+    ApiError::bad_request(format!("bad query string: {}", e.body_text()))
 }
 
 /// Reads the images out of a request according to its content type.

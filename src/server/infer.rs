@@ -2,9 +2,12 @@
 //! does everything between the protocol's parsing and its formatting:
 //!
 //! ```text
-//! drain guard (503 once shutting down) → readiness (503 while loading)
+//! drain guard (503 once shutting down)
+//!   → Protocol::precheck   what the router already parsed (the query string)
+//!   → readiness            503 while loading
 //!   → Protocol::parse      which model, which images, what to answer (the protocol's part)
 //!   → announce             the batcher waits up to max_batch_delay for images being decoded
+//!                          (announced once parsed: base64 and JSON parsing come before)
 //!   → preprocess           image files → network inputs, on the blocking pool (per-image metric)
 //!   → batch                queue (429 when full), batch, compute, each image's logits
 //!   → Protocol::respond    the answer (the protocol's part)
@@ -141,6 +144,12 @@ pub trait Protocol: Send + Sized {
     /// The route as the metrics label it, e.g. `/classify`.
     fn route(&self) -> &'static str;
 
+    /// Refuses what is wrong with the request before readiness is even looked at: the parts
+    /// the router has already parsed (a malformed query string). By default nothing.
+    fn precheck(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     /// Reads the request: which model (through [`Context::model`]), which images, and the
     /// options of the answer, checked against the model. Runs after the drain guard, before any
     /// image is decoded.
@@ -191,6 +200,7 @@ async fn run<P: Protocol>(
     let Some(_guard) = state.begin_inference() else {
         return Err(ApiError::shutting_down());
     };
+    request.precheck()?;
     let models = state.models().ok_or_else(ApiError::not_ready)?;
     let context = Context {
         models,

@@ -6,7 +6,8 @@
 //! 2. **Load** every model, **warm it up** at batch 1 and at the maximum batch, start its
 //!    [`Batcher`](crate::batcher::Batcher) (one compute thread per model), then report ready
 //!    ([`startup`]).
-//! 3. **Serve** until SIGTERM/SIGINT (the `shutdown` future; [`shutdown::signal`] in `main`).
+//! 3. **Serve** until SIGTERM/SIGINT (the `shutdown` future: [`shutdown::signal`] for
+//!    `diracnet serve`).
 //! 4. **Drain** ([`shutdown`]): readiness turns 503 and new inference requests get 503 at
 //!    once; requests in flight and images already queued are answered; then the listener
 //!    closes and `run` returns — all within the shutdown timeout.
@@ -61,12 +62,12 @@ pub enum ServeError {
     #[error(transparent)]
     Backend(#[from] ModelError),
     /// A model could not be loaded.
-    #[error("model {name}: {source}")]
+    #[error("model {name}: {cause}")]
     Load {
         /// Serving name.
         name: String,
         /// Why.
-        source: LoadError,
+        cause: LoadError,
     },
     /// Two models share a name.
     #[error("two models are named {0:?}; rename one with NAME=SOURCE")]
@@ -79,9 +80,25 @@ pub enum ServeError {
         /// Why.
         reason: String,
     },
-    /// The HTTP server failed, or a compute thread could not be started.
+    /// A model's compute thread could not be started.
+    #[error("model {name}: cannot start its compute thread: {cause}")]
+    ComputeThread {
+        /// Serving name.
+        name: String,
+        /// Why.
+        cause: std::io::Error,
+    },
+    /// The HTTP server failed.
     #[error("HTTP server: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+// By hand, not `#[from]`, which would also make the error its `source()` and print it twice in
+// an error chain: each error here prints its cause and does not wrap it.
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains and returns.

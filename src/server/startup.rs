@@ -29,9 +29,9 @@ pub(super) async fn load_models(state: &AppState) -> Result<Vec<ServedModel>, Se
         let started = Instant::now();
         let classifier = Classifier::load(spec, &config.weights, &backend)
             .await
-            .map_err(|source| ServeError::Load {
+            .map_err(|cause| ServeError::Load {
                 name: spec.name.clone(),
-                source,
+                cause,
             })?;
         let classifier = Arc::new(classifier);
         warm_up(&classifier, config.batch.max_batch_size).await?;
@@ -51,7 +51,11 @@ pub(super) async fn load_models(state: &AppState) -> Result<Vec<ServedModel>, Se
             move |rows: &[&[f32]]| network.logits(rows).map_err(|e| e.to_string()),
             config.batch,
             state.metrics.observer(&spec.name),
-        )?;
+        )
+        .map_err(|cause| ServeError::ComputeThread {
+            name: spec.name.clone(),
+            cause,
+        })?;
         served.push(ServedModel {
             classifier,
             batcher,

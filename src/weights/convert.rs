@@ -30,20 +30,20 @@ pub enum ConvertError {
     #[error(transparent)]
     Pth(#[from] PthError),
     /// Not a DiracNet layout, or an unfolded checkpoint with missing parts.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Fold {
         /// The input file.
         path: PathBuf,
         /// The layout problem.
-        source: FoldError,
+        cause: FoldError,
     },
     /// The folded tensors do not form a DiracNet chain.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Architecture {
         /// The input file.
         path: PathBuf,
         /// The architecture problem.
-        source: ArchitectureError,
+        cause: ArchitectureError,
     },
     /// A safetensors header could not be read.
     #[error("{path}: not a safetensors file: {reason}")]
@@ -130,9 +130,9 @@ pub fn read_folded(
 > {
     let ckpt = Checkpoint::open(input)?;
     let shapes = ckpt.shapes();
-    let fold_err = |source| ConvertError::Fold {
+    let fold_err = |cause| ConvertError::Fold {
         path: input.to_path_buf(),
-        source,
+        cause,
     };
     let layout = fold::detect(&shapes).map_err(fold_err)?;
     let tensors = fold::to_folded(&layout, &shapes, |k| ckpt.read_f32(k)).map_err(|e| match e {
@@ -144,9 +144,9 @@ pub fn read_folded(
         .map(|(k, t)| (k.clone(), t.shape.clone()))
         .collect();
     let architecture =
-        Architecture::from_shapes(&folded_shapes).map_err(|source| ConvertError::Architecture {
+        Architecture::from_shapes(&folded_shapes).map_err(|cause| ConvertError::Architecture {
             path: input.to_path_buf(),
-            source,
+            cause,
         })?;
     Ok((tensors, architecture, layout.kind(), ckpt.container()))
 }

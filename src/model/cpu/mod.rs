@@ -243,7 +243,7 @@ impl Im2colConv {
 }
 
 /// A 3×3, stride-1, pad-1 convolution, NHWC in and out, with bias and ReLU, as Winograd
-/// F(4×4, 3×3) (see [`winograd`]).
+/// F(4×4, 3×3) (see `winograd.rs`).
 #[derive(Debug, Clone)]
 pub struct WinogradConv {
     c_in: usize,
