@@ -568,7 +568,7 @@ mod tests {
         assert!(matches!(refused, Err(JobError::QueueFull(_))));
         let b = b.expect("room").pop().expect("a ticket");
         assert!(matches!(b.wait().await, Err(JobError::Timeout(_))));
-        // B left the queue at its deadline: the next batch holds the 63 only.
+        // B left the queue at its deadline: the next batch is 32 of the other 63, without B.
         model.release.send(()).expect("compute thread");
         let a = a.expect("room").pop().expect("a ticket").wait().await;
         assert_eq!(a.expect("computed").logits, vec![1.0]);

@@ -8,7 +8,7 @@ use crate::{
     model::{Backend, DiracNet, ModelError},
     prediction::{top_k, Prediction},
     registry::{Labels, ModelSpec},
-    tensor::{INPUT_LEN, INPUT_SIZE},
+    tensor::{INPUT_CHANNELS, INPUT_LEN, INPUT_SIZE},
     weights::{self, ResolvedWeights, WeightsError, WeightsOptions},
 };
 
@@ -94,7 +94,7 @@ impl Classifier {
         }
         let x = Tensor::from_vec(
             flat,
-            (images.len(), 3, INPUT_SIZE, INPUT_SIZE),
+            (images.len(), INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
             &Device::Cpu,
         )?;
         self.logits_tensor(&x)

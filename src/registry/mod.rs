@@ -115,7 +115,7 @@ impl Registry {
                     entry.sha256_prefix, url_prefix
                 )));
             }
-            if Labels::embedded(&entry.labels).is_none() {
+            if embedded_file(&entry.labels).is_none() {
                 return Err(bad(format!(
                     "label file {:?} is not in models/",
                     entry.labels
