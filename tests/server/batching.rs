@@ -1,7 +1,7 @@
 //! The batcher under load: concurrent requests share batches, a full queue answers 429, and a
 //! request past its deadline answers 503 and is never computed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use reqwest::{Client, StatusCode};
@@ -147,6 +147,11 @@ async fn a_full_queue_answers_429_and_every_accepted_request_is_answered() {
     s.stop().await;
 }
 
+/// Images in the timing probe of the deadline test.
+const PROBE: usize = 16;
+/// The most images the deadline test sends (and so its queue bound).
+const MAX_IMAGES: usize = 4096;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_deadline_in_the_queue_gets_503_and_is_never_computed() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,25 +160,30 @@ async fn a_request_past_its_deadline_in_the_queue_gets_503_and_is_never_computed
     let s = TestServer::start(|c| {
         let mut cfg = config(&[&m], c);
         cfg.batch.max_batch_size = 1;
+        cfg.batch.max_queue = MAX_IMAGES;
         cfg.request_timeout = Duration::from_millis(1000);
         cfg
     })
     .await;
     let c = Client::new();
-    // Tiny images decode in microseconds, so the deadline is spent in the queue: 128 of them
-    // keep a batch-size-1 model busy far past 1 s (≈ 75 ms each here, slower on a loaded CI
-    // machine); the first ones are computed, the rest expire.
+    // Tiny images decode in microseconds, so the deadline is spent in the queue. How many images
+    // fill 1 s depends on the CPU (a few ms each on a fast one, far more on a loaded CI machine),
+    // so first time a small request and send enough for about four seconds of work: the first
+    // ones are computed, the rest expire.
     let b64 = base64::engine::general_purpose::STANDARD.encode(image("tiny_5x7.png"));
-    let body = json!({ "images": vec![b64; 128] }).to_string();
-    let (st, _, v) = json_of(
+    let classify = |n: usize| {
         c.post(s.url("/classify"))
             .header("content-type", "application/json")
-            .body(body)
+            .body(json!({ "images": vec![b64.clone(); n] }).to_string())
             .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    };
+    let started = Instant::now();
+    let (st, _, v) = json_of(classify(PROBE).await.unwrap()).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let per_image = started.elapsed().as_secs_f64() / PROBE as f64;
+    let n = ((4.0 / per_image).ceil() as usize).clamp(64, MAX_IMAGES);
+    println!("{:.2} ms per image: sending {n}", per_image * 1e3);
+    let (st, _, v) = json_of(classify(n).await.unwrap()).await;
     assert_eq!(
         (st, v["type"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("timeout")),
@@ -188,10 +198,12 @@ async fn a_request_past_its_deadline_in_the_queue_gets_503_and_is_never_computed
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let computed = metric(&c, &s, "diracnet_images_classified_total{model=\"m\"}").await;
-    println!("{computed} of 128 images computed ({at_503} when the 503 was sent)");
+    let computed =
+        metric(&c, &s, "diracnet_images_classified_total{model=\"m\"}").await - PROBE as f64;
+    let at_503 = at_503 - PROBE as f64;
+    println!("{computed} of {n} images computed ({at_503} when the 503 was sent)");
     assert!(computed <= at_503 + 1.0, "expired images were computed");
-    assert!((1.0..128.0).contains(&computed), "{computed}");
+    assert!((1.0..n as f64).contains(&computed), "{computed}");
     assert_eq!(
         metric(
             &c,
