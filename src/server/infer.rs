@@ -162,9 +162,17 @@ pub trait Protocol: Send + Sized {
     fn respond(answer: Self::Answer, model: &Classifier, inferred: Inferred) -> Response;
 }
 
-/// The label of the model a response was for, read by the request-counting middleware.
-#[derive(Debug, Clone)]
-pub struct ModelLabel(pub String);
+/// What an inference request came to, attached to its response for the middleware that counts
+/// and logs requests ([`super::routes`]).
+#[derive(Debug, Clone, Default)]
+pub struct InferenceSummary {
+    /// The served model the request was for (empty before one was chosen).
+    pub model: String,
+    /// Images in the request (0 before it was parsed).
+    pub images: usize,
+    /// Preprocessing, queue and inference times, when the request was computed.
+    pub timings: Option<(Duration, Duration, Duration)>,
+}
 
 /// Runs one inference request through `protocol` (see the module docs).
 pub async fn serve<P: Protocol>(state: &Arc<AppState>, request: P) -> Response {
@@ -173,8 +181,14 @@ pub async fn serve<P: Protocol>(state: &Arc<AppState>, request: P) -> Response {
     let chosen = OnceLock::new();
     let result = run(state, request, arrived, &chosen).await;
     let model = chosen.into_inner().unwrap_or_default();
+    let mut summary = InferenceSummary {
+        model: model.clone(),
+        ..InferenceSummary::default()
+    };
     let mut response = match result {
-        Ok(r) => {
+        Ok((r, images, timings)) => {
+            summary.images = images;
+            summary.timings = Some(timings);
             state
                 .metrics
                 .request_duration(&model, route, arrived.elapsed());
@@ -187,7 +201,7 @@ pub async fn serve<P: Protocol>(state: &Arc<AppState>, request: P) -> Response {
             e.into_response()
         }
     };
-    response.extensions_mut().insert(ModelLabel(model));
+    response.extensions_mut().insert(summary);
     response
 }
 
@@ -196,7 +210,7 @@ async fn run<P: Protocol>(
     request: P,
     arrived: Instant,
     chosen: &OnceLock<String>,
-) -> Result<Response, ApiError> {
+) -> Result<(Response, usize, (Duration, Duration, Duration)), ApiError> {
     let Some(_guard) = state.begin_inference() else {
         return Err(ApiError::shutting_down());
     };
@@ -228,7 +242,15 @@ async fn run<P: Protocol>(
         preprocess,
         logits: outputs.into_iter().map(|o| o.logits).collect(),
     };
-    Ok(P::respond(answer, &model.classifier, inferred))
+    let (images, timings) = (
+        inferred.logits.len(),
+        (inferred.preprocess, inferred.queue, inferred.inference),
+    );
+    Ok((
+        P::respond(answer, &model.classifier, inferred),
+        images,
+        timings,
+    ))
 }
 
 /// Decodes and preprocesses `files` (one after another, on the blocking pool, so the async

@@ -26,7 +26,7 @@ use super::{
     classify,
     error::ApiError,
     health::{self, healthz, info, metrics, models_v1, readyz},
-    infer::ModelLabel,
+    infer::InferenceSummary,
     kserve, AppState,
 };
 
@@ -156,8 +156,8 @@ async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next)
     let response = next.run(request).await;
     let model = response
         .extensions()
-        .get::<ModelLabel>()
-        .map_or("", |m| m.0.as_str());
+        .get::<InferenceSummary>()
+        .map_or("", |m| m.model.as_str());
     state
         .metrics
         .request(model, &route, response.status().as_u16());
