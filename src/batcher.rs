@@ -3,7 +3,8 @@
 //! batches rows of `f32` and hands each batch to the compute function it was given.
 //!
 //! ```text
-//! handlers ──submit()──▶ [queue: unbounded channel, admission bounded by a semaphore]
+//! handlers ──reserve(n)──▶ n of max_queue slots, or QueueFull at once (before any decoding)
+//!          ──submit()───▶ [queue: unbounded channel; each job holds one reserved slot]
 //!                              │
 //!                  batching task (tokio) — waits until the compute thread is free, then takes
 //!                  what is queued up to max_batch_size; if fewer and more images are on
@@ -16,17 +17,19 @@
 //! ```
 //!
 //! The semantics are Triton's dynamic batcher with `max_queue_delay`, with one refinement: the
-//! delay is only spent when a request is known to be coming (a handler [`Batcher::announce`]s
-//! images before decoding them), so a lone request never waits for company that cannot arrive.
+//! delay is only spent when a request is known to be coming (a handler [`Batcher::reserve`]s
+//! places for its images before decoding them), so a lone request never waits for company that cannot arrive.
 //! An announced image stops counting as "on its way" the moment the batching task takes it off
 //! the queue, so the task never waits for images it already has, and never sends a batch
 //! without the rest of a request whose first images it took.
-//! A full queue is refused at once (the caller answers 429); a job still queued at its deadline is
-//! never computed (503).
+//! Admission comes first: a request [`Batcher::reserve`]s its images' places before they are
+//! decoded, so a full queue is refused at once (the caller answers 429, with a
+//! [`Batcher::retry_after`] estimated from the model's recent throughput) and no CPU is spent on
+//! images that would be refused. A job still queued at its deadline is never computed (503).
 
 use std::{
     sync::{
-        atomic::{AtomicU8, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -164,16 +167,31 @@ impl Ticket {
     }
 }
 
-/// Images announced but not yet queued, while the guard lives; [`Batcher::run`] hands each
-/// image's count to its job as it queues it.
-pub struct Announced {
+/// Places in the queue reserved for a request's images ([`Batcher::reserve`]), while they are
+/// decoded: they count against `max_queue`, and as "on their way" for the batch being filled.
+/// [`Batcher::submit`] hands each image its place and its count; dropping the reservation
+/// (a decoding error, a client gone) gives back what is left.
+pub struct Reservation {
+    permit: OwnedSemaphorePermit,
     incoming: Arc<AtomicUsize>,
-    n: usize,
+    announced: usize,
 }
 
-impl Drop for Announced {
+impl Reservation {
+    /// Places still held.
+    pub fn len(&self) -> usize {
+        self.permit.num_permits()
+    }
+
+    /// True when no place is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Reservation {
     fn drop(&mut self) {
-        self.incoming.fetch_sub(self.n, Ordering::AcqRel);
+        self.incoming.fetch_sub(self.announced, Ordering::AcqRel);
     }
 }
 
@@ -191,7 +209,34 @@ pub struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
     incoming: Arc<AtomicUsize>,
     admission: Arc<Semaphore>,
+    throughput: Arc<Throughput>,
     config: BatchConfig,
+}
+
+/// The model's recent throughput, images per second: an exponentially weighted mean over
+/// batches (each weighs 1/8), kept as `f64` bits. Zero until the first batch.
+#[derive(Debug, Default)]
+struct Throughput(AtomicU64);
+
+impl Throughput {
+    fn record(&self, images: usize, took: Duration) {
+        let rate = images as f64 / took.as_secs_f64().max(1e-6);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let old = f64::from_bits(bits);
+                let new = if old > 0.0 {
+                    old + (rate - old) / 8.0
+                } else {
+                    rate
+                };
+                Some(new.to_bits())
+            });
+    }
+
+    fn images_per_second(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
 impl Batcher {
@@ -209,12 +254,21 @@ impl Batcher {
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Job>>(1);
         let admission = Arc::new(Semaphore::new(config.max_queue));
         let incoming = Arc::new(AtomicUsize::new(0));
+        let throughput = Arc::new(Throughput::default());
         let model = model.to_string();
-        let (thread_model, thread_observer) = (model.clone(), observer.clone());
+        let (thread_model, thread_observer, thread_throughput) =
+            (model.clone(), observer.clone(), throughput.clone());
         std::thread::Builder::new()
             .name(format!("compute-{model}"))
             .spawn(move || {
-                compute_thread(&thread_model, compute, ready_tx, batch_rx, thread_observer)
+                compute_thread(
+                    &thread_model,
+                    compute,
+                    ready_tx,
+                    batch_rx,
+                    thread_observer,
+                    &thread_throughput,
+                )
             })?;
         tokio::spawn(batching_task(
             Lane {
@@ -232,55 +286,77 @@ impl Batcher {
             tx,
             incoming,
             admission,
+            throughput,
             config,
         })
     }
 
-    /// Images waiting in the queue (the `diracnet_queue_depth` gauge, read at scrape time).
+    /// Images holding a place: reserved (being decoded) or queued (the `diracnet_queue_depth`
+    /// gauge, read at scrape time).
     pub fn queue_depth(&self) -> usize {
         self.config.max_queue - self.admission.available_permits()
     }
 
-    /// Tells the batcher that `n` images are on their way (being decoded) until the guard drops:
-    /// a batch that is not full waits for them, up to `max_batch_delay`.
-    pub fn announce(&self, n: usize) -> Announced {
-        self.incoming.fetch_add(n, Ordering::AcqRel);
-        Announced {
-            incoming: self.incoming.clone(),
-            n,
-        }
+    /// How long until the queue has room again, as a client should be told in `Retry-After`:
+    /// the images holding a place over the model's recent throughput, rounded up to whole
+    /// seconds, between 1 and 60 (1 before the first batch).
+    pub fn retry_after(&self) -> Duration {
+        let rate = self.throughput.images_per_second();
+        let seconds = if rate > 0.0 {
+            (self.queue_depth() as f64 / rate).ceil().clamp(1.0, 60.0)
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64(seconds)
     }
 
-    /// Queues `inputs` (normalised images) all or nothing: if the queue cannot take them all,
-    /// nothing is queued and `QueueFull` is returned. Each queued image takes over one count of
-    /// `announced`, if any is left.
-    pub fn submit(
-        &self,
-        inputs: Vec<Vec<f32>>,
-        deadline: Instant,
-        announced: &mut Announced,
-    ) -> Result<Vec<Ticket>, JobError> {
-        let n = u32::try_from(inputs.len()).map_err(|_| JobError::QueueFull(self.model.clone()))?;
-        let mut permit = match self.admission.clone().try_acquire_many_owned(n) {
+    /// Reserves places for `n` images all or nothing, before they are decoded: `QueueFull` at
+    /// once if the queue cannot take them all. While the reservation lives the images count as
+    /// on their way: a batch that is not full waits for them, up to `max_batch_delay`.
+    pub fn reserve(&self, n: usize) -> Result<Reservation, JobError> {
+        let full = || JobError::QueueFull(self.model.clone());
+        let count = u32::try_from(n).map_err(|_| full())?;
+        let permit = match self.admission.clone().try_acquire_many_owned(count) {
             Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                return Err(JobError::QueueFull(self.model.clone()))
-            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(full()),
             Err(tokio::sync::TryAcquireError::Closed) => {
                 return Err(JobError::ShuttingDown(self.model.clone()))
             }
         };
+        self.incoming.fetch_add(n, Ordering::AcqRel);
+        Ok(Reservation {
+            permit,
+            incoming: self.incoming.clone(),
+            announced: n,
+        })
+    }
+
+    /// Queues `inputs` (normalised images), each in one of `reservation`'s places, and ends
+    /// their announcement. Fails (queuing nothing) if the reservation holds fewer places.
+    pub fn submit(
+        &self,
+        inputs: Vec<Vec<f32>>,
+        deadline: Instant,
+        reservation: &mut Reservation,
+    ) -> Result<Vec<Ticket>, JobError> {
+        if inputs.len() > reservation.len() {
+            return Err(JobError::Inference(format!(
+                "{} images for {} reserved places",
+                inputs.len(),
+                reservation.len()
+            )));
+        }
         let submitted = Instant::now();
         let mut tickets = Vec::with_capacity(inputs.len());
         for input in inputs {
             let (reply, rx) = oneshot::channel();
             let state = Arc::new(JobState {
                 phase: AtomicU8::new(QUEUED),
-                permit: std::sync::Mutex::new(permit.split(1)),
+                permit: std::sync::Mutex::new(reservation.permit.split(1)),
             });
-            // The count moves from the guard to the job before the job can be received.
-            let counted = announced.n > 0;
-            announced.n -= usize::from(counted);
+            // The count moves from the reservation to the job before the job can be received.
+            let counted = reservation.announced > 0;
+            reservation.announced -= usize::from(counted);
             let job = Job {
                 input,
                 announced: counted,
@@ -305,16 +381,16 @@ impl Batcher {
         Ok(tickets)
     }
 
-    /// Submits `inputs` (ending their announcement, see [`Batcher::submit`]) and waits for all
-    /// of them (see [`Ticket::wait`]), in input order.
+    /// Submits `inputs` in their reserved places (see [`Batcher::submit`]) and waits for all of
+    /// them (see [`Ticket::wait`]), in input order.
     pub async fn run(
         &self,
         inputs: Vec<Vec<f32>>,
         deadline: Instant,
-        mut announced: Announced,
+        mut reservation: Reservation,
     ) -> Result<Vec<JobOutput>, JobError> {
-        let tickets = self.submit(inputs, deadline, &mut announced);
-        drop(announced);
+        let tickets = self.submit(inputs, deadline, &mut reservation);
+        drop(reservation);
         let mut outputs = Vec::new();
         for ticket in tickets? {
             outputs.push(ticket.wait().await?);
@@ -410,6 +486,7 @@ fn compute_thread(
     ready_tx: mpsc::Sender<()>,
     mut batch_rx: mpsc::Receiver<Vec<Job>>,
     observer: Arc<dyn BatchObserver>,
+    throughput: &Throughput,
 ) {
     loop {
         if ready_tx.blocking_send(()).is_err() {
@@ -430,6 +507,7 @@ fn compute_thread(
         match result {
             Ok(rows) if rows.len() == size => {
                 observer.batch_done(size, inference, &queue_times);
+                throughput.record(size, inference);
                 for ((job, logits), queue_time) in batch.into_iter().zip(rows).zip(queue_times) {
                     let _ = job.reply.send(Ok(JobOutput {
                         logits,
@@ -508,7 +586,7 @@ mod tests {
         let (batcher, mut model) = batcher(Duration::from_secs(5), false);
         for round in 0..200 {
             let started = Instant::now();
-            let outputs = batcher.run(images(3), far(), batcher.announce(3));
+            let outputs = batcher.run(images(3), far(), batcher.reserve(3).expect("room"));
             let (outputs, batch) = tokio::join!(outputs, model.batches.recv());
             assert_eq!(
                 batch.expect("a batch").len(),
@@ -528,25 +606,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_waits_for_announced_images_up_to_the_delay() {
         let (batcher, mut model) = batcher(Duration::from_secs(5), false);
-        // B is announced (being decoded) when A is queued: the batch waits for B.
-        let b_announced = batcher.announce(1);
-        let mut a_announced = batcher.announce(1);
-        let a = batcher.submit(images(1), far(), &mut a_announced);
-        drop(a_announced);
+        // B is reserved (being decoded) when A is queued: the batch waits for B.
+        let mut b_reserved = batcher.reserve(1).expect("room");
+        let mut a_reserved = batcher.reserve(1).expect("room");
+        let a = batcher.submit(images(1), far(), &mut a_reserved);
+        drop(a_reserved);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut b_announced = b_announced;
-        let b = batcher.submit(images(1), far(), &mut b_announced);
-        drop(b_announced);
+        let b = batcher.submit(images(1), far(), &mut b_reserved);
+        drop(b_reserved);
         let batch = model.batches.recv().await.expect("a batch");
         assert_eq!(batch.len(), 2);
         drop((a, b));
 
-        // An announcement that ends without images (a decoding error) stops counting.
-        drop(batcher.announce(2));
+        // A reservation that ends without images (a decoding error) stops counting, and gives
+        // its places back.
+        drop(batcher.reserve(2).expect("room"));
         assert_eq!(batcher.incoming.load(Ordering::SeqCst), 0);
+        assert_eq!(batcher.queue_depth(), 0);
         let started = Instant::now();
-        let mut none = batcher.announce(0);
-        let c = batcher.submit(images(1), far(), &mut none);
+        let mut one = batcher.reserve(1).expect("room");
+        let c = batcher.submit(images(1), far(), &mut one);
+        drop(one);
         let batch = model.batches.recv().await.expect("a batch");
         assert_eq!(batch.len(), 1);
         assert!(started.elapsed() < Duration::from_secs(2));
@@ -557,18 +637,26 @@ mod tests {
     async fn a_full_queue_refuses_and_a_job_past_its_deadline_is_never_computed() {
         let (batcher, mut model) = batcher(Duration::ZERO, true);
         // The model is busy with A; B waits in the queue.
-        let a = batcher.submit(vec![vec![1.0]], far(), &mut batcher.announce(0));
+        let reserve = |n| batcher.reserve(n).expect("room");
+        let a = batcher.submit(vec![vec![1.0]], far(), &mut reserve(1));
         assert_eq!(model.batches.recv().await, Some(vec![1.0]));
         let soon = Instant::now() + Duration::from_millis(50);
-        let b = batcher.submit(vec![vec![2.0]], soon, &mut batcher.announce(0));
-        // 63 more fill the queue (64); one more is refused whole.
-        let rest = batcher.submit(images(63), far(), &mut batcher.announce(0));
+        let b = batcher.submit(vec![vec![2.0]], soon, &mut reserve(1));
+        // 62 more fill the queue (64) with a reservation for 1 (an image being decoded); one
+        // more is refused whole, at once.
+        let rest = batcher.submit(images(62), far(), &mut reserve(62));
+        let decoding = reserve(1);
         assert_eq!(batcher.queue_depth(), 64);
-        let refused = batcher.submit(images(1), far(), &mut batcher.announce(0));
-        assert!(matches!(refused, Err(JobError::QueueFull(_))));
+        assert!(matches!(batcher.reserve(1), Err(JobError::QueueFull(_))));
+        assert!(matches!(batcher.reserve(65), Err(JobError::QueueFull(_))));
+        // More images than places reserved is refused, queuing nothing.
+        let mut two = decoding;
+        assert!(batcher.submit(images(2), far(), &mut two).is_err());
+        assert_eq!(batcher.queue_depth(), 64);
+        drop(two);
         let b = b.expect("room").pop().expect("a ticket");
         assert!(matches!(b.wait().await, Err(JobError::Timeout(_))));
-        // B left the queue at its deadline: the next batch is 32 of the other 63, without B.
+        // B left the queue at its deadline: the next batch is 32 of the other 62, without B.
         model.release.send(()).expect("compute thread");
         let a = a.expect("room").pop().expect("a ticket").wait().await;
         assert_eq!(a.expect("computed").logits, vec![1.0]);
@@ -581,17 +669,49 @@ mod tests {
     async fn a_panicking_batch_fails_alone_and_the_model_goes_on() {
         let (batcher, mut model) = batcher(Duration::ZERO, false);
         let bad = batcher
-            .run(vec![vec![-1.0]], far(), batcher.announce(1))
+            .run(vec![vec![-1.0]], far(), batcher.reserve(1).expect("room"))
             .await;
         assert!(
             matches!(bad, Err(JobError::Inference(ref m)) if m.contains("a negative row")),
             "{bad:?}"
         );
         let good = batcher
-            .run(vec![vec![3.0]], far(), batcher.announce(1))
+            .run(vec![vec![3.0]], far(), batcher.reserve(1).expect("room"))
             .await;
         assert_eq!(good.expect("computed")[0].logits, vec![3.0]);
         assert_eq!(model.batches.recv().await, Some(vec![-1.0]));
         assert_eq!(model.batches.recv().await, Some(vec![3.0]));
+    }
+
+    #[test]
+    fn retry_after_is_the_queue_over_the_recent_throughput() {
+        let throughput = Throughput::default();
+        assert_eq!(throughput.images_per_second(), 0.0);
+        throughput.record(10, Duration::from_millis(100));
+        assert!((throughput.images_per_second() - 100.0).abs() < 1e-9);
+        // Each batch moves the mean an eighth of the way.
+        throughput.record(2, Duration::from_millis(100));
+        assert!((throughput.images_per_second() - 90.0).abs() < 1e-9);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retry_after_grows_with_the_queue() {
+        let (batcher, _model) = batcher(Duration::ZERO, true);
+        assert_eq!(
+            batcher.retry_after(),
+            Duration::from_secs(1),
+            "no batch yet"
+        );
+        batcher.throughput.record(4, Duration::from_secs(1));
+        let held = batcher.reserve(40).expect("room");
+        assert_eq!(batcher.retry_after(), Duration::from_secs(10));
+        let more = batcher.reserve(24).expect("room");
+        assert_eq!(batcher.retry_after(), Duration::from_secs(16));
+        drop((held, more));
+        assert_eq!(
+            batcher.retry_after(),
+            Duration::from_secs(1),
+            "at least 1 s"
+        );
     }
 }

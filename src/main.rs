@@ -43,7 +43,7 @@ enum LogFormat {
 enum Command {
     /// Serve models over HTTP: /classify, KServe v2, health, metrics, OpenAPI (/docs).
     #[command(
-        after_help = "Examples:\n  diracnet serve\n  diracnet serve --model diracnet18 --model diracnet34 --port 9000\n  DIRACNET_API_KEY=secret diracnet serve --max-batch-size 8 --max-batch-delay-ms 5\n  curl -T cat.jpg -H 'Content-Type: image/jpeg' localhost:8080/classify"
+        after_help = "Examples:\n  diracnet serve\n  diracnet serve --model diracnet18 --model diracnet34 --port 9000\n  DIRACNET_API_KEY=secret diracnet serve --max-batch-size 8 --max-batch-delay-ms 5\n  diracnet serve --api-key-file /run/secrets/api-key\n  curl -T cat.jpg -H 'Content-Type: image/jpeg' localhost:8080/classify\n\nEach request is logged in one INFO line (method, route, status, model, images, timings, error\ntype, request id); the probes /healthz, /readyz, /metrics and /v2/health/* at DEBUG. A client's\nx-request-id is kept when it is 1-128 visible ASCII characters, else replaced by a fresh UUID."
     )]
     Serve(Box<cmd::serve::ServeArgs>),
     /// Download and convert models into the cache; print each safetensors path.

@@ -71,6 +71,48 @@ fn help_has_examples() {
 }
 
 #[test]
+fn serve_api_key_file_is_checked_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = ok(&diracnet(&["serve", "--help"], dir.path()));
+    assert!(
+        help.contains("--api-key-file") && help.contains("DIRACNET_API_KEY_FILE"),
+        "{help}"
+    );
+    // A port already taken: should the key checks not stop it, `serve` fails binding instead of
+    // serving, so the test cannot hang.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--offline", "--host", "127.0.0.1", "--port", &port];
+        args.extend_from_slice(extra);
+        diracnet(&args, dir.path())
+    };
+    let empty = dir.path().join("empty-key");
+    std::fs::write(&empty, " \n").unwrap();
+    let err = fails(&serve(&["--api-key-file", empty.to_str().unwrap()]));
+    assert!(
+        err.contains("--api-key-file") && err.contains("empty"),
+        "{err}"
+    );
+    let missing = dir.path().join("no-such-key");
+    let err = fails(&serve(&["--api-key-file", missing.to_str().unwrap()]));
+    assert!(
+        err.contains("--api-key-file") && err.contains("no-such-key"),
+        "{err}"
+    );
+    // With a key, `serve` gets as far as binding.
+    let key = dir.path().join("key");
+    std::fs::write(&key, "s3cret\n").unwrap();
+    let err = fails(&serve(&["--api-key-file", key.to_str().unwrap()]));
+    assert!(err.contains(&format!("binding 127.0.0.1:{port}")), "{err}");
+    // Both ways of giving a key: a usage error.
+    let both = serve(&["--api-key", "x", "--api-key-file", key.to_str().unwrap()]);
+    assert_eq!(both.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
 fn convert_then_classify_images_and_npy() {
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("dn18.safetensors");

@@ -48,12 +48,42 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     cors_origins: Vec<String>,
-    /// Require `Authorization: Bearer <key>` on inference routes (health and metrics stay open).
+    /// Require `Authorization: Bearer <key>` on inference routes (health and metrics stay open;
+    /// the scheme may be written in any case).
     #[arg(long, env = "DIRACNET_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Read the API key from this file (a mounted secret); surrounding whitespace, such as a
+    /// trailing newline, is ignored. An empty file is an error.
+    #[arg(
+        long,
+        env = "DIRACNET_API_KEY_FILE",
+        value_name = "PATH",
+        conflicts_with = "api_key"
+    )]
+    api_key_file: Option<std::path::PathBuf>,
     /// Longest drain after SIGTERM/SIGINT, in seconds (below Kubernetes' 30 s grace).
     #[arg(long, env = "DIRACNET_SHUTDOWN_TIMEOUT_S", default_value_t = defaults::SHUTDOWN_TIMEOUT_S)]
     shutdown_timeout_s: u64,
+    /// Threads that decode and preprocess images [default: one per core].
+    #[arg(long, env = "DIRACNET_PREPROCESS_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    preprocess_threads: Option<u32>,
+    /// Memory budget of the images being decoded at once, in MiB (each image is admitted
+    /// against it from its header, before decoding; one larger than the budget decodes alone).
+    #[arg(long, env = "DIRACNET_PREPROCESS_MEMORY_MIB", default_value_t = defaults::PREPROCESS_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
+    preprocess_memory_mib: u32,
+    /// Open connections at most; beyond, new connections wait in the listen backlog.
+    #[arg(long, env = "DIRACNET_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Longest time to receive a request's headers, in seconds, from their first byte.
+    #[arg(long, env = "DIRACNET_HEADER_TIMEOUT_S", default_value_t = defaults::HEADER_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_s: u64,
+    /// Longest time to receive a whole request body, in seconds (408 beyond), however it is
+    /// sent.
+    #[arg(long, env = "DIRACNET_BODY_TIMEOUT_S", default_value_t = defaults::BODY_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_s: u64,
+    /// A connection with no request under way is closed after this many seconds.
+    #[arg(long, env = "DIRACNET_IDLE_TIMEOUT_S", default_value_t = defaults::IDLE_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_s: u64,
 }
 
 /// Binds, then serves until SIGTERM/SIGINT and drains.
@@ -76,12 +106,37 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_pixels: args.max_pixels,
         cors_origins: args.cors_origins,
-        api_key: args.api_key.filter(|k| !k.is_empty()),
+        api_key: match &args.api_key_file {
+            Some(path) => Some(read_api_key(path)?),
+            None => args.api_key.filter(|k| !k.is_empty()),
+        },
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout_s),
+        preprocess_threads: args
+            .preprocess_threads
+            .map_or_else(defaults::preprocess_threads, |n| n as usize),
+        preprocess_memory: u64::from(args.preprocess_memory_mib) << 20,
+        max_connections: args.max_connections as usize,
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        body_timeout: Duration::from_secs(args.body_timeout_s),
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
     };
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     server::run(config, listener, shutdown::signal()).await?;
     Ok(())
+}
+
+/// The key in an `--api-key-file`, without surrounding whitespace; an empty one is an error.
+fn read_api_key(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        bail!(
+            "--api-key-file {}: the file is empty (no key to require)",
+            path.display()
+        );
+    }
+    Ok(key.to_string())
 }

@@ -1,7 +1,7 @@
 //! Image bytes → RGB8, as `cv2.imread(path, cv2.IMREAD_COLOR)` + `cv2.cvtColor(BGR2RGB)`
 //! make it.
 
-use std::{io::Cursor, panic::AssertUnwindSafe};
+use std::{ffi::c_int, io::Cursor, panic::AssertUnwindSafe};
 
 use image::metadata::Orientation;
 use image::{
@@ -75,6 +75,39 @@ pub(super) fn open(
     })
 }
 
+impl<D: ImageDecoder> Opened<D> {
+    /// Width and height from the header.
+    pub(super) fn dimensions(&self) -> (u32, u32) {
+        self.decoder.dimensions()
+    }
+
+    /// An upper bound on the memory decoding this image takes at its peak, in bytes, from its
+    /// header alone (what [`super::probe`] reports):
+    ///
+    /// * JPEG (libjpeg): the RGB8 output (3 bytes a pixel), a progressive file's coefficient
+    ///   buffers (2 bytes per sample, at most 3 samples a pixel: 6), and the copy an EXIF
+    ///   rotation makes (3): 12 bytes a pixel.
+    /// * Other formats (the `image` crate): the decoded image in its own layout
+    ///   (`width × height × channels × bytes per sample`), as much again for the decoder's
+    ///   working buffers (a GIF's canvas, a WebP's or TIFF's planes), the RGB8 conversion (3)
+    ///   and the rotated copy (3).
+    ///
+    /// Plus 1 MiB for decoder state and the network input.
+    pub(super) fn decode_cost(&self) -> u64 {
+        let (width, height) = self.decoder.dimensions();
+        let pixels = u64::from(width) * u64::from(height);
+        let image = match self.format {
+            ImageFormat::Jpeg => pixels.saturating_mul(12),
+            _ => self
+                .decoder
+                .total_bytes()
+                .saturating_mul(2)
+                .saturating_add(pixels.saturating_mul(6)),
+        };
+        image.saturating_add(1 << 20)
+    }
+}
+
 /// Decodes an [`open`]ed image (`bytes` are the same file).
 pub(super) fn decode_opened(
     bytes: &[u8],
@@ -131,7 +164,9 @@ pub(super) fn decode_jpeg(
     // libjpeg reports fatal errors by unwinding (mozjpeg's error manager uses
     // `resume_unwind`, which skips the panic hook); catch it and turn it into an error.
     let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| -> std::io::Result<bool> {
-        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let d = mozjpeg::Decompress::builder()
+            .with_err(strict_error_mgr())
+            .from_mem(bytes)?;
         if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
             return Ok(false);
         }
@@ -161,6 +196,73 @@ pub(super) fn decode_jpeg(
             "jpeg",
             panic_message(&*payload, "libjpeg error"),
         )),
+    }
+}
+
+/// libjpeg's error manager as we configure it: a fatal error unwinds with libjpeg's message
+/// (caught by [`decode_jpeg`]), and so does a warning that the data ran out
+/// (`JWRN_JPEG_EOF`: "premature end of JPEG file"; `JWRN_HIT_MARKER`: "premature end of data
+/// segment"). libjpeg's default, and OpenCV's, is to fill the missing part of a truncated file
+/// with grey and go on: the server would classify a mostly blank image with confidence. Other
+/// warnings (e.g. extraneous bytes before a marker, common in camera files whose pixels are
+/// whole) are ignored, as OpenCV does.
+fn strict_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
+    // SAFETY: `jpeg_error_mgr` is a C struct of integers, raw pointers and `Option`s of function
+    // pointers, for all of which all-zero bytes are valid (null, `None`); `jpeg_std_error` then
+    // fills in every field.
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    // SAFETY: `err` is a valid, exclusively borrowed error manager for the call's duration.
+    unsafe {
+        mozjpeg_sys::jpeg_std_error(&mut err);
+    }
+    err.error_exit = Some(jpeg_fatal);
+    err.emit_message = Some(jpeg_message);
+    err
+}
+
+/// libjpeg's `error_exit`: unwinds with its message (it must not return).
+extern "C-unwind" fn jpeg_fatal(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    let message = jpeg_message_text(cinfo);
+    std::panic::resume_unwind(Box::new(message));
+}
+
+/// libjpeg's `emit_message`: a level below 0 is a warning; running out of data is fatal to us.
+extern "C-unwind" fn jpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: c_int) {
+    if level >= 0 {
+        return; // trace messages
+    }
+    // SAFETY: libjpeg calls this with `cinfo.err` pointing at the error manager it was created
+    // with, which lives as long as the decompressor.
+    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+    if code == mozjpeg_sys::JWRN_JPEG_EOF as c_int || code == mozjpeg_sys::JWRN_HIT_MARKER as c_int
+    {
+        std::panic::resume_unwind(Box::new(
+            "premature end of JPEG data: the file is truncated".to_string(),
+        ));
+    }
+}
+
+/// The text of libjpeg's current message, as its `format_message` writes it.
+fn jpeg_message_text(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
+    // JMSG_LENGTH_MAX in jerror.h.
+    let mut buffer = [0u8; 200];
+    // SAFETY: as in `jpeg_message`, `cinfo.err` is the live error manager.
+    let format = unsafe { cinfo.err.as_ref() }.and_then(|e| e.format_message);
+    if let Some(format) = format {
+        // SAFETY: libjpeg's `format_message(cinfo, char *buffer)` writes at most JMSG_LENGTH_MAX
+        // bytes, NUL included, into `buffer`. The binding declares the buffer as `&[u8; 80]`;
+        // a pointer to our 200-byte buffer has the same ABI (one thin pointer), and C writes
+        // through it, which is why it is passed as `*mut u8` instead.
+        unsafe {
+            let format: unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, *mut u8) =
+                std::mem::transmute(format);
+            format(cinfo, buffer.as_mut_ptr());
+        }
+    }
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    match std::str::from_utf8(&buffer[..end]) {
+        Ok("") | Err(_) => "libjpeg error".to_string(),
+        Ok(text) => text.to_string(),
     }
 }
 
@@ -363,6 +465,33 @@ mod tests {
         assert_eq!(kind_of(&png[..png.len() / 2], 200), "decode_failed");
         let bmp = encode(DynamicImage::ImageRgb8(noise(20, 10, 5)), ImageFormat::Bmp);
         assert_eq!(kind_of(&bmp[..60], 200), "decode_failed");
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_a_decode_error_not_a_grey_image() {
+        let jpeg = encode(DynamicImage::ImageRgb8(noise(64, 48, 3)), ImageFormat::Jpeg);
+        assert_eq!(
+            decode_rgb8(&jpeg, 10_000).expect("whole").dimensions(),
+            (64, 48)
+        );
+        for keep in [jpeg.len() / 2, jpeg.len() - 8] {
+            let cut = &jpeg[..keep];
+            let e = decode_rgb8(cut, 10_000).expect_err("truncated");
+            assert_eq!(e.kind(), "decode_failed", "{e}");
+            assert!(e.to_string().contains("premature end"), "{e}");
+            // The pipelined path (one image in progress) says the same.
+            let e = super::super::preprocess(cut, 10_000).expect_err("truncated");
+            assert!(e.to_string().contains("premature end"), "{e}");
+        }
+        // A fatal libjpeg error still comes back with libjpeg's own message.
+        let mut bad = jpeg.clone();
+        let sof = bad
+            .windows(2)
+            .position(|w| w == [0xff, 0xc0])
+            .expect("a baseline SOF");
+        bad[sof + 4] = 13; // sample precision 13: not a JPEG libjpeg decodes
+        let e = decode_rgb8(&bad, 10_000).expect_err("bad precision");
+        assert_eq!(e.kind(), "decode_failed", "{e}");
     }
 
     #[test]

@@ -123,6 +123,35 @@ impl PreprocessError {
     }
 }
 
+/// What an image's header says about the work of preprocessing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The format, recognised from the bytes.
+    pub format: ImageFormat,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// An upper bound on the memory [`preprocess`] takes at its peak for this image, in bytes:
+    /// 12 bytes a pixel for a JPEG; for other formats twice the decoded layout (`width × height
+    /// × channels × bytes per sample`) plus 6 bytes a pixel; plus 1 MiB.
+    pub peak_bytes: u64,
+}
+
+/// Reads an image's header only (microseconds: no pixel is decoded): the format, the size
+/// (checked against `max_pixels`, as [`preprocess`] does) and the memory decoding it will take,
+/// so that a server can admit the work against a memory budget before starting it.
+pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, PreprocessError> {
+    let opened = decode::open(bytes, max_pixels)?;
+    let (width, height) = opened.dimensions();
+    Ok(Probe {
+        format: opened.format,
+        width,
+        height,
+        peak_bytes: opened.decode_cost(),
+    })
+}
+
 /// Image bytes → normalised CHW float32 input, length `3 * 224 * 224`: [`decode_rgb8`],
 /// [`resize_crop`], [`normalize`], with the same result.
 ///

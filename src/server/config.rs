@@ -39,6 +39,18 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Bound on the drain after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// Threads that decode and preprocess images.
+    pub preprocess_threads: usize,
+    /// Memory budget of the images being decoded at once, in bytes.
+    pub preprocess_memory: u64,
+    /// Open connections at most; beyond, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest time to receive a request's headers, from its first byte.
+    pub header_timeout: Duration,
+    /// Longest time to receive a whole request body, from the end of its headers.
+    pub body_timeout: Duration,
+    /// A connection with no request under way is closed after this long.
+    pub idle_timeout: Duration,
 }
 
 /// `serve`'s defaults, shared by [`ServeConfig::new`] and the command line.
@@ -55,6 +67,21 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 16 << 20;
     /// Longest drain after SIGTERM, seconds (below Kubernetes' 30 s grace period).
     pub const SHUTDOWN_TIMEOUT_S: u64 = 25;
+    /// Memory budget of the images being decoded at once, MiB.
+    pub const PREPROCESS_MEMORY_MIB: u32 = 1024;
+    /// Open connections at most.
+    pub const MAX_CONNECTIONS: u32 = 512;
+    /// Longest time to receive a request's headers, seconds.
+    pub const HEADER_TIMEOUT_S: u64 = 10;
+    /// Longest time to receive a request's body, seconds.
+    pub const BODY_TIMEOUT_S: u64 = 30;
+    /// Keep-alive idle timeout, seconds.
+    pub const IDLE_TIMEOUT_S: u64 = 60;
+
+    /// Preprocessing threads: one per core this process may use.
+    pub fn preprocess_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    }
 }
 
 impl ServeConfig {
@@ -78,6 +105,12 @@ impl ServeConfig {
             cors_origins: Vec::new(),
             api_key: None,
             shutdown_timeout: Duration::from_secs(defaults::SHUTDOWN_TIMEOUT_S),
+            preprocess_threads: defaults::preprocess_threads(),
+            preprocess_memory: u64::from(defaults::PREPROCESS_MEMORY_MIB) << 20,
+            max_connections: defaults::MAX_CONNECTIONS as usize,
+            header_timeout: Duration::from_secs(defaults::HEADER_TIMEOUT_S),
+            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_S),
+            idle_timeout: Duration::from_secs(defaults::IDLE_TIMEOUT_S),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! HTTP errors: every failure is a JSON body `{"error": "...", "type": "..."}` with the status
 //! that names its cause. 500 is reserved for our own bugs.
 
+use std::time::Duration;
+
 use axum::{
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
@@ -19,7 +21,14 @@ pub struct ApiError {
     pub kind: &'static str,
     /// Human-readable message.
     pub message: String,
+    /// When the client should try again (`Retry-After`, whole seconds), for 429 and 503.
+    pub retry_after: Option<Duration>,
 }
+
+/// The [`ApiError::kind`] of an error response, kept in the response's extensions so that the
+/// request log line can name it without parsing the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorType(pub &'static str);
 
 /// The JSON error body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -42,6 +51,7 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -89,6 +99,7 @@ impl ApiError {
             "not_ready",
             "models are still loading",
         )
+        .with_retry_after(Duration::from_secs(5))
     }
 
     /// 503: shutdown under way.
@@ -98,6 +109,19 @@ impl ApiError {
             "shutting_down",
             "the server is shutting down",
         )
+        .with_retry_after(Duration::from_secs(1))
+    }
+
+    /// Sets `Retry-After` (rounded up to whole seconds, at least 1).
+    #[must_use]
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The request's deadline passed before its images were computed (503).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
     }
 
     /// 500: a bug of ours.
@@ -129,12 +153,12 @@ impl From<PreprocessError> for ApiError {
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
+            // The inference path replaces the hint with the model's estimate.
             JobError::QueueFull(_) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+                    .with_retry_after(Duration::from_secs(1))
             }
-            JobError::Timeout(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", e.to_string())
-            }
+            JobError::Timeout(_) => Self::timeout(e.to_string()),
             JobError::ShuttingDown(_) => Self::shutting_down(),
             JobError::Inference(_) => Self::internal(e.to_string()),
         }
@@ -148,11 +172,13 @@ impl IntoResponse for ApiError {
             kind: self.kind.to_string(),
         };
         let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(after) = self.retry_after {
+            let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
         }
-        resp.extensions_mut().insert(self.kind);
+        resp.extensions_mut().insert(ErrorType(self.kind));
         resp
     }
 }

@@ -59,7 +59,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 pub struct ModelInfo {
     /// Serving name.
     pub name: String,
-    /// Where the weights came from (URL or path).
+    /// Where the weights came from: the URL, or a local file's name (never its directory).
     pub source: String,
     /// sha256 of the source `.pth`, when there was one.
     pub source_sha256: Option<String>,
@@ -126,6 +126,18 @@ pub struct ModelList {
     pub models: Vec<ModelInfo>,
 }
 
+/// What `/info` tells of a weights source: a URL as is, a local path as its file name only, so
+/// that the server's directory layout is not disclosed to every client.
+pub fn public_source(source: &str) -> String {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        return source.to_string();
+    }
+    let path = source.strip_prefix("file://").unwrap_or(source);
+    std::path::Path::new(path)
+        .file_name()
+        .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+}
+
 fn model_infos(state: &AppState) -> Vec<ModelInfo> {
     state
         .models()
@@ -136,7 +148,7 @@ fn model_infos(state: &AppState) -> Vec<ModelInfo> {
             let a = c.model.architecture();
             ModelInfo {
                 name: c.name.clone(),
-                source: c.weights.source.clone(),
+                source: public_source(&c.weights.source),
                 source_sha256: c.weights.source_sha256.clone(),
                 depth: a.depth(),
                 widths: a.widths.clone(),
@@ -200,4 +212,22 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_source;
+
+    #[test]
+    fn sources_hide_local_directories() {
+        let url = "https://example.org/w/diracnet18v2folded-a2174e15.pth";
+        assert_eq!(public_source(url), url);
+        assert_eq!(
+            public_source("/home/me/models/diracnet18.safetensors"),
+            "diracnet18.safetensors"
+        );
+        assert_eq!(public_source("./dn.pth"), "dn.pth");
+        assert_eq!(public_source("file:///srv/m/dn.pth"), "dn.pth");
+        assert_eq!(public_source("dn.pth"), "dn.pth");
+    }
 }

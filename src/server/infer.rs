@@ -2,14 +2,19 @@
 //! does everything between the protocol's parsing and its formatting:
 //!
 //! ```text
-//! drain guard (503 once shutting down)
+//! [body::read_whole_body: in flight for the drain (503 once shutting down), body read whole]
 //!   → Protocol::precheck   what the router already parsed (the query string)
 //!   → readiness            503 while loading
 //!   → Protocol::parse      which model, which images, what to answer (the protocol's part)
-//!   → announce             the batcher waits up to max_batch_delay for images being decoded
-//!                          (announced once parsed: base64 and JSON parsing come before)
-//!   → preprocess           image files → network inputs, on the blocking pool (per-image metric)
-//!   → batch                queue (429 when full), batch, compute, each image's logits
+//!   → reserve              places in the model's queue for the images: 429 at once when full,
+//!                          before any image is decoded (base64 and JSON parsing come before);
+//!                          the batcher waits up to max_batch_delay for reserved images
+//!   → preprocess           image files → network inputs, one image at a time on the
+//!                          preprocessing pool, each admitted against the memory budget
+//!                          ([`super::preprocessing`]); stops between images when the client
+//!                          has gone or the deadline has passed (503)
+//!   → batch                queue, batch, compute, each image's logits; an image still queued
+//!                          at the deadline is never computed (503)
 //!   → Protocol::respond    the answer (the protocol's part)
 //!   → outcome              latency or rejection reason in the metrics, the model label for the
 //!                          request counter
@@ -32,7 +37,7 @@ use axum::{
 };
 
 use super::{error::ApiError, AppState, ServeConfig, ServedModel};
-use crate::{classifier::Classifier, preprocess::preprocess};
+use crate::{batcher::JobError, classifier::Classifier};
 
 /// The images of one request, as its protocol delivered them.
 #[derive(Debug)]
@@ -151,7 +156,7 @@ pub trait Protocol: Send + Sized {
     }
 
     /// Reads the request: which model (through [`Context::model`]), which images, and the
-    /// options of the answer, checked against the model. Runs after the drain guard, before any
+    /// options of the answer, checked against the model. Runs after the body was read, before any
     /// image is decoded.
     fn parse(
         self,
@@ -211,9 +216,6 @@ async fn run<P: Protocol>(
     arrived: Instant,
     chosen: &OnceLock<String>,
 ) -> Result<(Response, usize, (Duration, Duration, Duration)), ApiError> {
-    let Some(_guard) = state.begin_inference() else {
-        return Err(ApiError::shutting_down());
-    };
     request.precheck()?;
     let models = state.models().ok_or_else(ApiError::not_ready)?;
     let context = Context {
@@ -226,13 +228,43 @@ async fn run<P: Protocol>(
         inputs,
         answer,
     } = request.parse(&context).await?;
-    let announced = model.batcher.announce(inputs.len());
+    // Admission first: places in the queue before any image is decoded, so a full queue costs
+    // a refused request nothing but its parsing.
+    let batcher = &model.batcher;
+    let queue_error = |e: JobError| {
+        let retry = matches!(e, JobError::QueueFull(_) | JobError::Timeout(_));
+        let error = ApiError::from(e);
+        if retry {
+            error.with_retry_after(batcher.retry_after())
+        } else {
+            error
+        }
+    };
+    let reservation = batcher.reserve(inputs.len()).map_err(queue_error)?;
+    let deadline = arrived + state.config.request_timeout;
     let (rows, preprocess) = match inputs {
-        Inputs::Encoded(files) => preprocess_all(state, &model.classifier.name, files).await?,
+        Inputs::Encoded(files) => {
+            let name = &model.classifier.name;
+            let mut total = Duration::ZERO;
+            let rows = state
+                .preprocessing
+                .run(files, deadline, |t| {
+                    state.metrics.preprocess_duration(name, t);
+                    total += t;
+                })
+                .await
+                .map_err(|e| match e.kind {
+                    "timeout" => e.with_retry_after(batcher.retry_after()),
+                    _ => e,
+                })?;
+            (rows, total)
+        }
         Inputs::Preprocessed(rows) => (rows, Duration::ZERO),
     };
-    let deadline = arrived + state.config.request_timeout;
-    let outputs = model.batcher.run(rows, deadline, announced).await?;
+    let outputs = batcher
+        .run(rows, deadline, reservation)
+        .await
+        .map_err(queue_error)?;
     let longest = |time: fn(&crate::batcher::JobOutput) -> Duration| {
         outputs.iter().map(time).max().unwrap_or_default()
     };
@@ -251,34 +283,4 @@ async fn run<P: Protocol>(
         images,
         timings,
     ))
-}
-
-/// Decodes and preprocesses `files` (one after another, on the blocking pool, so the async
-/// workers stay free), recording each image's time in `diracnet_preprocess_duration_seconds`.
-/// Returns the network inputs and the total time.
-async fn preprocess_all(
-    state: &AppState,
-    model: &str,
-    files: Vec<Bytes>,
-) -> Result<(Vec<Vec<f32>>, Duration), ApiError> {
-    let max_pixels = state.config.max_pixels;
-    let (inputs, times) = tokio::task::spawn_blocking(move || {
-        let mut times = Vec::with_capacity(files.len());
-        let inputs = files
-            .iter()
-            .map(|b| {
-                let started = Instant::now();
-                let input = preprocess(b, max_pixels);
-                times.push(started.elapsed());
-                input
-            })
-            .collect::<Result<Vec<_>, _>>();
-        (inputs, times)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?;
-    for &t in &times {
-        state.metrics.preprocess_duration(model, t);
-    }
-    Ok((inputs?, times.iter().sum()))
 }

@@ -8,9 +8,10 @@
 //!    ([`startup`]).
 //! 3. **Serve** until SIGTERM/SIGINT (the `shutdown` future: [`shutdown::signal`] for
 //!    `diracnet serve`).
-//! 4. **Drain** ([`shutdown`]): readiness turns 503 and new inference requests get 503 at
-//!    once; requests in flight and images already queued are answered; then the listener
-//!    closes and `run` returns — all within the shutdown timeout.
+//! 4. **Drain** ([`shutdown`]): readiness turns 503, new inference requests get 503 at once, and
+//!    every response carries `Connection: close`; requests in flight and images already queued
+//!    are answered; then the listener closes, each connection closes after its response, and
+//!    `run` returns — all within the shutdown timeout, or `run` fails saying what it cut.
 //!
 //! The files:
 //!
@@ -19,7 +20,10 @@
 //! | [`config`] | [`ServeConfig`] and its [`defaults`] |
 //! | [`state`] | [`AppState`]: what every handler shares |
 //! | [`startup`], [`shutdown`] | steps 2 and 4 |
-//! | [`routes`] | the router, the OpenAPI document, the middleware (request ids, CORS, body limit, API key, request metrics) |
+//! | [`connections`] | the accept loop: connection cap, header and idle timeouts, graceful close |
+//! | [`routes`] | the router, the OpenAPI document, the middleware (request ids, CORS, API key, request metrics and log) |
+//! | [`body`] | request bodies read whole within `--max-body-bytes` and `--body-timeout-s` |
+//! | [`preprocessing`] | the preprocessing pool and its memory budget |
 //! | [`infer`] | **the one inference path**: drain guard → parse → announce → preprocess → batch → answer → metrics |
 //! | [`classify`], [`kserve`] | the inference protocols: `POST /classify`, KServe v2 (parsing and formatting only) |
 //! | [`health`] | health, readiness, `/info`, `/metrics` |
@@ -29,14 +33,17 @@
 //! A new inference route is a new [`infer::Protocol`]: how to read its request and how to write
 //! its answer, plus one line in [`routes::router`].
 
+pub mod body;
 pub mod classify;
 pub mod config;
+pub mod connections;
 pub mod encoding;
 pub mod error;
 pub mod health;
 pub mod infer;
 pub mod kserve;
 pub mod metrics;
+pub mod preprocessing;
 pub mod routes;
 pub mod shutdown;
 pub mod startup;
@@ -48,7 +55,7 @@ pub use state::{AppState, ServedModel};
 
 use std::{future::Future, sync::Arc};
 
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::net::TcpListener;
 
 use crate::{classifier::LoadError, device::DeviceError, model::ModelError};
 
@@ -91,6 +98,19 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Io(std::io::Error),
+    /// The drain after SIGTERM ran out of time: what was still open was cut.
+    #[error(
+        "shutdown timeout ({timeout:?}) reached: {requests} inference requests in flight and \
+         {connections} connections open were cut"
+    )]
+    DrainTimedOut {
+        /// The `--shutdown-timeout-s` in force.
+        timeout: std::time::Duration,
+        /// Inference requests still in flight.
+        requests: usize,
+        /// Connections still open.
+        connections: usize,
+    },
 }
 
 // By hand, not `#[from]`, which would also make the error its `source()` and print it twice in
@@ -101,22 +121,26 @@ impl From<std::io::Error> for ServeError {
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains and returns.
+/// Serves on `listener` until `shutdown` completes, then drains and returns; an error if the
+/// drain ran out of time with requests still in flight ([`ServeError::DrainTimedOut`]).
 pub async fn run(
     config: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
-    let state = Arc::new(AppState::new(config));
+    let state = Arc::new(AppState::new(config)?);
     let app = routes::router(state.clone());
-    let stop = Arc::new(Notify::new());
-    let stop_wait = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop_wait.notified().await })
-            .await
-    });
+    let c = &state.config;
+    let connections = connections::serve(
+        listener,
+        app,
+        connections::Limits {
+            max_connections: c.max_connections,
+            header_timeout: c.header_timeout,
+            idle_timeout: c.idle_timeout,
+        },
+    );
     tracing::info!(%addr, "listening; loading models");
 
     tokio::pin!(shutdown);
@@ -137,8 +161,7 @@ pub async fn run(
             shutdown.await;
         }
         Some(Err(e)) => {
-            stop.notify_one();
-            let _ = server.await;
+            connections.shut_down().await;
             return Err(e);
         }
         None => {}
@@ -152,14 +175,15 @@ pub async fn run(
         for m in state.models().unwrap_or_default() {
             m.batcher.close();
         }
-        stop.notify_one();
-        server.await
+        connections.shut_down().await;
     };
-    match tokio::time::timeout(timeout, drain).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
-        Ok(Ok(Err(e))) => return Err(e.into()),
-        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!(?timeout, "shutdown timeout reached with requests in flight"),
+    if tokio::time::timeout(timeout, drain).await.is_err() {
+        return Err(ServeError::DrainTimedOut {
+            timeout,
+            requests: state.drain().in_flight(),
+            connections: connections.open(),
+        });
     }
+    tracing::info!("drained; bye");
     Ok(())
 }

@@ -35,6 +35,11 @@ impl Drain {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// Inference requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
     /// Begins the drain: from now on [`Drain::enter`] refuses.
     pub fn begin(&self) {
         self.draining.store(true, Ordering::SeqCst);

@@ -4,6 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::{
+    preprocessing::Preprocessing,
     shutdown::{Drain, InflightGuard},
     Metrics, ServeConfig,
 };
@@ -28,19 +29,28 @@ pub struct AppState {
     drain: Arc<Drain>,
     /// Metrics registry.
     pub metrics: Metrics,
+    /// The preprocessing pool and its memory budget.
+    pub preprocessing: Preprocessing,
 }
 
 impl AppState {
-    /// State for `config`, with no model loaded yet.
-    pub fn new(config: ServeConfig) -> Self {
+    /// State for `config`, with no model loaded yet. Fails only if the preprocessing threads
+    /// cannot be started.
+    pub fn new(config: ServeConfig) -> std::io::Result<Self> {
         let metrics = Metrics::new(config.batch.max_batch_size);
-        Self {
+        let preprocessing = Preprocessing::new(
+            config.preprocess_threads,
+            config.preprocess_memory,
+            config.max_pixels,
+        )?;
+        Ok(Self {
             config,
             models: OnceLock::new(),
             device: OnceLock::new(),
             drain: Arc::new(Drain::default()),
             metrics,
-        }
+            preprocessing,
+        })
     }
 
     /// The served models, once ready.

@@ -239,7 +239,15 @@ async fn api_key_guards_inference_only() {
     .await;
     let c = Client::new();
     let small = image("tiny_5x7.png");
-    for auth in [None, Some("Bearer wrong"), Some("s3cret")] {
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Bearer s3cre"),
+        Some("Bearer s3cret2"),
+        Some("Basic s3cret"),
+        Some("Bearers3cret"),
+    ] {
         let mut r = c
             .post(s.url("/classify"))
             .header("content-type", "image/png")
@@ -255,15 +263,18 @@ async fn api_key_guards_inference_only() {
             (StatusCode::UNAUTHORIZED, Some("unauthorized"))
         );
     }
-    let r = c
-        .post(s.url("/classify"))
-        .header("content-type", "image/png")
-        .header("authorization", "Bearer s3cret")
-        .body(small)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    // The scheme is case-insensitive (RFC 7235).
+    for auth in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret"] {
+        let r = c
+            .post(s.url("/classify"))
+            .header("content-type", "image/png")
+            .header("authorization", auth)
+            .body(small.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{auth}");
+    }
     let r = c
         .post(s.url("/v2/models/dn18w16_v03/infer"))
         .body("{}")

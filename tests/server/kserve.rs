@@ -162,3 +162,179 @@ async fn kserve_v2_matches_pytorch_and_the_classify_route() {
     }
     s.stop().await;
 }
+
+/// The body of an FP32 request with `shape` written before `data` (so that the parser knows the
+/// element count before it reads the values), each value written `value(i)`.
+fn fp32_body(shape: &[usize], values: usize, value: impl Fn(usize) -> String) -> String {
+    let mut body = format!(
+        r#"{{"inputs": [{{"name": "input", "datatype": "FP32", "shape": {shape:?}, "data": ["#
+    );
+    for i in 0..values {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&value(i));
+    }
+    body.push_str("]}]}");
+    body
+}
+
+async fn infer_raw(c: &Client, s: &TestServer, body: String) -> (StatusCode, serde_json::Value) {
+    let (st, _, v) = json_of(
+        c.post(s.url("/v2/models/dn18w16_v03/infer"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    (st, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_fp32_values_must_be_finite_float32s_and_fit_the_shape() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let n = diracnet::tensor::INPUT_LEN;
+
+    // Beyond the float32 range: it would become ±inf; a 400 naming the value and its place.
+    for (v, shown) in [("1e39", "1e39"), ("-3.5e38", "-3.5e38")] {
+        let body = fp32_body(&[1, 3, 224, 224], n, |i| {
+            if i == 5 {
+                v.to_owned()
+            } else {
+                "0.5".to_owned()
+            }
+        });
+        let (st, e) = infer_raw(&c, &s, body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}: {e}");
+        assert_eq!(e["type"], "bad_request", "{e}");
+        let msg = e["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(&format!(
+                "value {shown} at element 5 is beyond the float32 range"
+            )),
+            "{msg}"
+        );
+    }
+    // NaN and infinities, however spelled, are not JSON numbers: 400.
+    for v in [
+        "NaN",
+        "nan",
+        "Infinity",
+        "-Infinity",
+        "inf",
+        "1e400",
+        "\"NaN\"",
+    ] {
+        let body = fp32_body(&[1, 3, 224, 224], n, |i| {
+            if i == 7 {
+                v.to_owned()
+            } else {
+                "0".to_owned()
+            }
+        });
+        let (st, e) = infer_raw(&c, &s, body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}: {e}");
+        assert_eq!(e["type"], "bad_request", "{e}");
+    }
+    // The largest float32 is a value like any other.
+    let body = fp32_body(&[1, 3, 224, 224], n, |i| {
+        if i == 5 {
+            "3.4028235e38".to_owned()
+        } else {
+            "0".to_owned()
+        }
+    });
+    let (st, e) = infer_raw(&c, &s, body).await;
+    assert_eq!(st, StatusCode::OK, "{e}");
+
+    // More values than the shape declares: refused while reading, at the shape's count.
+    let body = fp32_body(&[1, 3, 224, 224], n + 1, |_| "0".to_owned());
+    let (st, e) = infer_raw(&c, &s, body).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["type"], "bad_request", "{e}");
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!(
+            "more data elements than its shape [1, 3, 224, 224] holds ({n})"
+        )),
+        "{msg}"
+    );
+    // Nested rows too.
+    let row = vec!["0"; 224].join(",");
+    let plane = vec![format!("[{row}]"); 224].join(",");
+    let image = vec![format!("[{plane}]"); 3].join(",");
+    let body = format!(
+        r#"{{"inputs":[{{"name":"input","datatype":"FP32","shape":[1,3,224,224],"data":[[{image}],[[[0]]]]}}]}}"#
+    );
+    let (st, e) = infer_raw(&c, &s, body).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("holds ({n})")),
+        "{e}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_large_kserve_bodies_are_parsed() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let n = diracnet::tensor::INPUT_LEN;
+    // ~8 MiB each: 5 images' worth of values for a shape of 6, so that the whole body is parsed
+    // and then refused (no inference to wait for).
+    let body = axum::body::Bytes::from(fp32_body(&[6, 3, 224, 224], 5 * n, |i| {
+        format!("-{}.2345678", i % 10)
+    }));
+    println!("8 KServe bodies of {} MiB each", body.len() >> 20);
+    let started = std::time::Instant::now();
+    let posts: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, url, body) = (
+                c.clone(),
+                s.url("/v2/models/dn18w16_v03/infer"),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let r = c.post(url).body(body).send().await.unwrap();
+                json_of(r).await
+            })
+        })
+        .collect();
+    let (mut probes, mut slowest) = (0, std::time::Duration::ZERO);
+    loop {
+        let done = posts.iter().all(|p| p.is_finished());
+        let t = std::time::Instant::now();
+        let r = c.get(s.url("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        slowest = slowest.max(t.elapsed());
+        probes += 1;
+        if done {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    println!(
+        "/healthz under KServe parsing: {probes} probes, slowest {:.1} ms; the 8 requests took {:.0} ms",
+        slowest.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    for p in posts {
+        let (st, _, e) = p.await.unwrap();
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        assert_eq!(
+            e["error"],
+            format!(
+                "FP32 input \"input\" has {} values; shape [6, 3, 224, 224] needs {}",
+                5 * n,
+                6 * n
+            )
+        );
+    }
+    s.stop().await;
+}

@@ -6,6 +6,8 @@
 //! - `classify.rs`: the classify routes, every input mode and error, the API key;
 //! - `batching.rs`: batching under concurrency, the queue limit (429), deadlines (503);
 //! - `kserve.rs`: the KServe v2 routes;
+//! - `limits.rs`: admission before decoding, cancellation, connection timeouts and cap, body
+//!   limits, the drain's `Connection: close` and its timeout, truncated JPEGs;
 //! - `ops.rs`: `/metrics`, `/info`, `/openapi.json`, `/docs/`, and draining on SIGTERM.
 
 #[path = "../common/mod.rs"]
@@ -14,5 +16,6 @@ mod common;
 mod batching;
 mod classify;
 mod kserve;
+mod limits;
 mod ops;
 mod support;

@@ -118,8 +118,12 @@ async fn info_openapi_and_docs() {
     assert_eq!(info["models"][0]["depth"], 18);
     assert_eq!(info["models"][0]["classes"], 1000);
     assert_eq!(info["batching"]["max_batch_size"], 32);
+    // A local weights file is shown by its name, never its directory.
+    assert_eq!(info["models"][0]["source"], "dn18w16_v03.pth");
     let (_, _, list) = json_of(c.get(s.url("/v1/models")).send().await.unwrap()).await;
     assert_eq!(list["models"][0]["name"], "dn18w16_v03");
+    assert_eq!(list["models"][0]["source"], "dn18w16_v03.pth");
+    assert!(!list.to_string().contains("fixtures/models"), "{list}");
     let (_, _, api) = json_of(c.get(s.url("/openapi.json")).send().await.unwrap()).await;
     for path in [
         "/classify",
@@ -137,8 +141,193 @@ async fn info_openapi_and_docs() {
     }
     let docs = c.get(s.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        ("content-security-policy", "frame-ancestors 'none'"),
+    ] {
+        assert_eq!(
+            docs.headers().get(name).and_then(|v| v.to_str().ok()),
+            Some(value),
+            "{name} on /docs/"
+        );
+    }
     assert!(docs.text().await.unwrap().contains("swagger"));
+    // nosniff on every response, errors included; the frame rules only where a page is served.
+    for path in ["/healthz", "/info", "/no/such/route"] {
+        let r = c.get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
+        assert!(!r.headers().contains_key("x-frame-options"), "{path}");
+    }
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_bounded() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .expect("x-request-id")
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let longest = "x".repeat(128);
+    for kept in ["my-id-42", "a:b/c@d", longest.as_str()] {
+        let r = c
+            .get(s.url("/healthz"))
+            .header("x-request-id", kept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(id_of(&r), kept);
+    }
+    let huge = "y".repeat(100 * 1024);
+    let too_long = "z".repeat(129);
+    for refused in [
+        huge.as_str(),
+        too_long.as_str(),
+        "has space",
+        "tab\there",
+        "",
+    ] {
+        for path in ["/healthz", "/no/such/route"] {
+            let r = c
+                .get(s.url(path))
+                .header("x-request-id", refused)
+                .send()
+                .await
+                .unwrap();
+            let id = id_of(&r);
+            assert_ne!(id, refused);
+            // A fresh UUID.
+            assert_eq!(id.len(), 36, "{id}");
+            assert!(
+                id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+                "{id}"
+            );
+        }
+    }
+    s.stop().await;
+}
+
+/// A real `diracnet serve` with its key in a file (as a mounted secret is) and JSON logs: the
+/// key from the file guards inference, the scheme is case-insensitive, and every request but
+/// the probes gets one INFO line that carries its request id, timings and error type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_file_and_request_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "k3y-from-file\n").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--model", &dn18(), "--device", "cpu", "--offline"])
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .args(["--log", "info", "--log-format", "json"])
+        .env_remove("DIRACNET_API_KEY")
+        .env("DIRACNET_CACHE", dir.path())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).await.unwrap();
+        text
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let c = Client::new();
+    eventually(|| {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    let png = image("tiny_5x7.png");
+    let classify = |auth: Option<&str>, id: &str| {
+        let mut r = c
+            .post(format!("{base}/classify"))
+            .header("content-type", "image/png")
+            .header("x-request-id", id)
+            .body(png.clone());
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    let r = classify(None, "log-test-401").await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The file's trailing newline is not part of the key.
+    for (auth, id) in [
+        ("bearer k3y-from-file", "log-test-200"),
+        ("BEARER k3y-from-file", "log-test-200b"),
+    ] {
+        let r = classify(Some(auth), id).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{auth}");
+    }
+    let health = c.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let log = log.await.unwrap();
+    assert!(!log.contains("k3y-from-file"), "the key reached the log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request")
+        .collect();
+    let line_of = |id: &str| {
+        let found: Vec<_> = lines
+            .iter()
+            .filter(|v| v["fields"]["request_id"] == id)
+            .collect();
+        assert_eq!(found.len(), 1, "request {id} in the log:\n{log}");
+        found[0]["fields"].clone()
+    };
+    let ok = line_of("log-test-200");
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["route"], "/classify");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["model"], "dn18w16_v03");
+    assert_eq!(ok["images"], 1);
+    for t in ["preprocess_ms", "queue_ms", "inference_ms", "total_ms"] {
+        assert!(ok[t].as_f64().is_some_and(|ms| ms >= 0.0), "{t}: {ok}");
+    }
+    assert!(ok.get("error_type").is_none(), "{ok}");
+    line_of("log-test-200b");
+    let refused = line_of("log-test-401");
+    assert_eq!(refused["status"], 401);
+    assert_eq!(refused["error_type"], "unauthorized");
+    assert!(refused.get("inference_ms").is_none(), "{refused}");
+    for v in &lines {
+        assert_eq!(v["level"], "INFO", "{v}");
+        // Probes log at DEBUG, below this server's `--log info`.
+        assert_ne!(v["fields"]["route"], "/healthz", "{v}");
+        assert_ne!(v["fields"]["route"], "/readyz", "{v}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

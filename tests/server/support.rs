@@ -106,6 +106,27 @@ impl TestServer {
     }
 
     /// Stops the server; the drain must finish well inside the shutdown timeout.
+    /// The server's `host:port`.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// Starts the drain (as SIGTERM would) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Waits (up to a minute) for `run` to return, and returns its result.
+    pub async fn finish(mut self) -> Result<(), server::ServeError> {
+        self.begin_stop();
+        tokio::time::timeout(Duration::from_secs(60), &mut self.task)
+            .await
+            .expect("run never returned")
+            .unwrap()
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
