@@ -20,3 +20,4 @@ pub fn fixtures() -> PathBuf {
 pub fn fixture(rel: &str) -> PathBuf {
     fixtures().join(rel)
 }
+pub mod bombs;

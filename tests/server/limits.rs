@@ -1,7 +1,8 @@
 //! What no client can do to the server: make it decode what it will refuse (429 comes first),
 //! keep it working for a client that has left, hold a connection open by sending nothing or
-//! sending slowly, send a body past the limit, or hold the drain past its timeout; and a
-//! truncated JPEG is an error, not a grey image.
+//! sending slowly, send a body past the limit, hold the drain past its timeout, or take the
+//! server's memory with small files that announce huge images; and a truncated JPEG is an
+//! error, not a grey image.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::support::{config, image, json_of, medium_model, metric, TestServer};
+use crate::{
+    common::bombs,
+    support::{config, image, json_of, medium_model, metric, TestServer},
+};
 
 /// A smooth `width × height` JPEG: cheap to send, as costly to decode as any of its size.
 fn gradient_jpeg(width: u32, height: u32) -> Vec<u8> {
@@ -369,4 +373,100 @@ async fn draining_closes_keep_alive_connections_and_a_stuck_drain_fails() {
         "{message}"
     );
     drop(stuck);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bombs_stay_within_the_budget_and_normal_requests_go_on() {
+    const COPIES: usize = 8;
+    const LIMIT_MIB: f64 = 1536.0;
+    let dir = tempfile::tempdir().unwrap();
+    let medium = medium_model(dir.path());
+    let bombs = bombs::bombs(7000);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // Default limits, in a process of its own, so that its peak memory is the server's.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--model", &format!("m={}", medium.display())])
+        .args(["--device", "cpu", "--offline", "--log", "warn"])
+        .args(["--request-timeout-ms", "20000"])
+        .env("DIRACNET_CACHE", dir.path())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = Client::new();
+    crate::support::eventually(|| {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    let before = bombs::peak_rss_mib(pid);
+    let mut sent = Vec::new();
+    for bomb in &bombs {
+        for _ in 0..COPIES {
+            let (c, url, body, name) = (
+                c.clone(),
+                format!("{base}/classify"),
+                bomb.bytes.clone(),
+                bomb.name,
+            );
+            sent.push(tokio::spawn(async move {
+                let kind = name
+                    .split('-')
+                    .next()
+                    .unwrap_or(name)
+                    .trim_end_matches("16");
+                let r = c
+                    .post(url)
+                    .header("content-type", format!("image/{kind}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                (name, r.status())
+            }));
+        }
+    }
+    // Meanwhile a normal request is answered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, _, v) = json_of(
+        c.post(format!("{base}/classify"))
+            .header("content-type", "image/jpeg")
+            .body(image("chelsea.jpg"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "a normal request during the bombs: {v}");
+    let mut statuses = std::collections::BTreeMap::<_, Vec<u16>>::new();
+    for r in sent {
+        let (name, status) = r.await.unwrap();
+        // 200 (decoded), 400 (truncated), 503 (waited past its deadline): never a crash.
+        assert!(
+            matches!(status.as_u16(), 200 | 400 | 503),
+            "{name}: {status}"
+        );
+        statuses.entry(name).or_default().push(status.as_u16());
+    }
+    let peak = bombs::peak_rss_mib(pid);
+    println!("peak RSS {peak:.0} MiB (before the bombs {before:.0} MiB); statuses {statuses:?}");
+    assert!(
+        peak < LIMIT_MIB,
+        "peak RSS {peak:.0} MiB under {COPIES} copies of each bomb"
+    );
+    // Still alive and well.
+    let r = c.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = child.kill().await;
 }
