@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// against it from its header, before decoding; one larger than the budget decodes alone).
     #[arg(long, env = "DIRACNET_PREPROCESS_MEMORY_MIB", default_value_t = defaults::PREPROCESS_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
     preprocess_memory_mib: u32,
-    /// Open connections at most; beyond, new connections wait in the listen backlog.
+    /// Open connections at most. At the cap the connection idle the longest is closed to make
+    /// room; when all are busy, new ones wait in the listen backlog.
     #[arg(long, env = "DIRACNET_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// Longest time to receive a request's headers, in seconds, from their first byte.

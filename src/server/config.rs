@@ -43,7 +43,8 @@ pub struct ServeConfig {
     pub preprocess_threads: usize,
     /// Memory budget of the images being decoded at once, in bytes.
     pub preprocess_memory: u64,
-    /// Open connections at most; beyond, new ones wait in the listen backlog.
+    /// Open connections at most; at the cap the idlest is closed to make room (when all are
+    /// busy, new ones wait in the listen backlog).
     pub max_connections: usize,
     /// Longest time to receive a request's headers, from its first byte.
     pub header_timeout: Duration,
