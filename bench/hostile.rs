@@ -62,18 +62,17 @@ async fn bombs_run(base: &str, copies: usize, side: u32, pid: Option<u32>) -> Re
     for bomb in &bombs {
         println!("{}: {} bytes, x{copies}", bomb.name, bomb.bytes.len());
         for _ in 0..copies {
-            let kind = bomb.name.split('-').next().unwrap_or("png");
-            let kind = kind.trim_end_matches("16").to_string();
-            let (c, url, body, name) = (
+            let (c, url, body, name, content_type) = (
                 c.clone(),
                 format!("{base}/classify"),
                 bomb.bytes.clone(),
                 bomb.name,
+                bomb.content_type,
             );
             sent.push(tokio::spawn(async move {
                 let r = c
                     .post(url)
-                    .header("content-type", format!("image/{kind}"))
+                    .header("content-type", content_type)
                     .body(body)
                     .send()
                     .await;

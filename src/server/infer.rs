@@ -231,15 +231,13 @@ async fn run<P: Protocol>(
     // Admission first: places in the queue before any image is decoded, so a full queue costs
     // a refused request nothing but its parsing.
     let batcher = &model.batcher;
-    let queue_error = |e: JobError| {
-        let retry = matches!(e, JobError::QueueFull(_) | JobError::Timeout(_));
-        let error = ApiError::from(e);
-        if retry {
-            error.with_retry_after(batcher.retry_after())
-        } else {
-            error
-        }
+    // One rule for the hint, whoever refused: a full queue or a passed deadline (in the
+    // preprocessing or in the queue) is told when the queue should have room again.
+    let hint = |e: ApiError| match e.kind {
+        "queue_full" | "timeout" => e.with_retry_after(batcher.retry_after()),
+        _ => e,
     };
+    let queue_error = |e: JobError| hint(ApiError::from(e));
     let reservation = batcher.reserve(inputs.len()).map_err(queue_error)?;
     let deadline = arrived + state.config.request_timeout;
     let (rows, preprocess) = match inputs {
@@ -253,10 +251,7 @@ async fn run<P: Protocol>(
                     total += t;
                 })
                 .await
-                .map_err(|e| match e.kind {
-                    "timeout" => e.with_retry_after(batcher.retry_after()),
-                    _ => e,
-                })?;
+                .map_err(hint)?;
             (rows, total)
         }
         Inputs::Preprocessed(rows) => (rows, Duration::ZERO),

@@ -8,6 +8,8 @@ use std::io::Cursor;
 pub struct Bomb {
     /// Format and kind, e.g. `png16`.
     pub name: &'static str,
+    /// Its `Content-Type`, e.g. `image/png`.
+    pub content_type: &'static str,
     /// The file.
     pub bytes: Vec<u8>,
 }
@@ -44,18 +46,22 @@ pub fn bombs(side: u32) -> Vec<Bomb> {
     vec![
         Bomb {
             name: "png16",
+            content_type: "image/png",
             bytes: png16,
         },
         Bomb {
             name: "jpeg-progressive-truncated",
+            content_type: "image/jpeg",
             bytes: jpeg[..3000.min(jpeg.len())].to_vec(),
         },
         Bomb {
             name: "jpeg-progressive",
+            content_type: "image/jpeg",
             bytes: jpeg,
         },
         Bomb {
             name: "webp-lossless",
+            content_type: "image/webp",
             bytes: webp,
         },
     ]

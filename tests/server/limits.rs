@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     common::bombs,
-    support::{config, image, json_of, medium_model, metric, TestServer},
+    support::{config, free_port, image, json_of, medium_model, metric, wait_ready_at, TestServer},
 };
 
 /// A smooth `width × height` JPEG: cheap to send, as costly to decode as any of its size.
@@ -382,10 +382,7 @@ async fn memory_bombs_stay_within_the_budget_and_normal_requests_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
     let bombs = bombs::bombs(7000);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     // Default limits, in a process of its own, so that its peak memory is the server's.
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
@@ -399,36 +396,22 @@ async fn memory_bombs_stay_within_the_budget_and_normal_requests_go_on() {
     let pid = child.id().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    crate::support::eventually(|| {
-        let c = c.clone();
-        let url = format!("{base}/readyz");
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    wait_ready_at(&c, &base).await;
     let before = bombs::peak_rss_mib(pid);
     let mut sent = Vec::new();
     for bomb in &bombs {
         for _ in 0..COPIES {
-            let (c, url, body, name) = (
+            let (c, url, body, name, content_type) = (
                 c.clone(),
                 format!("{base}/classify"),
                 bomb.bytes.clone(),
                 bomb.name,
+                bomb.content_type,
             );
             sent.push(tokio::spawn(async move {
-                let kind = name
-                    .split('-')
-                    .next()
-                    .unwrap_or(name)
-                    .trim_end_matches("16");
                 let r = c
                     .post(url)
-                    .header("content-type", format!("image/{kind}"))
+                    .header("content-type", content_type)
                     .body(body)
                     .send()
                     .await

@@ -7,7 +7,8 @@ use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    config, dn18, eventually, image, json_of, medium_model, metric_at, TestServer,
+    config, dn18, eventually, free_port, image, json_of, medium_model, metric_at, wait_ready_at,
+    TestServer,
 };
 
 /// What `promtool check metrics` checks of the text format, enough to catch a broken exposition.
@@ -222,10 +223,7 @@ async fn api_key_file_and_request_log_lines() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, "k3y-from-file\n").unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--model", &dn18(), "--device", "cpu", "--offline"])
@@ -246,17 +244,7 @@ async fn api_key_file_and_request_log_lines() {
     });
     let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    eventually(|| {
-        let c = c.clone();
-        let url = format!("{base}/readyz");
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    wait_ready_at(&c, &base).await;
     let png = image("tiny_5x7.png");
     let classify = |auth: Option<&str>, id: &str| {
         let mut r = c
@@ -334,10 +322,7 @@ async fn api_key_file_and_request_log_lines() {
 async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
         .args([
@@ -353,17 +338,7 @@ async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    eventually(|| {
-        let c = c.clone();
-        let url = format!("{base}/readyz");
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
-        }
-    })
-    .await;
+    wait_ready_at(&c, &base).await;
     let jpg = Arc::new(image("chelsea.jpg"));
     let inflight: Vec<_> = (0..32)
         .map(|_| {

@@ -209,6 +209,26 @@ pub async fn metric_at(c: &Client, base: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A port free on 127.0.0.1 now, for a server run as a child process.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Waits (as [`eventually`]) until the server at `base` answers `/readyz` with 200.
+pub async fn wait_ready_at(c: &Client, base: &str) {
+    eventually(|| {
+        let (c, url) = (c.clone(), format!("{base}/readyz"));
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+}
+
 /// Polls until `f` is true (for up to a minute: CI machines can be slow).
 pub async fn eventually<F: Future<Output = bool>>(mut f: impl FnMut() -> F) {
     for _ in 0..6000 {
