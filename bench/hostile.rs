@@ -4,17 +4,22 @@
 //!
 //! ```sh
 //! cargo run --release --example hostile -- bombs --port 8080 --pid $(pgrep -f 'diracnet serve') --copies 32
-//! cargo run --release --example hostile -- storm --port 8080 --clients 1024 --seconds 20
+//! cargo run --release --example hostile -- storm --port 8080 --capacity-clients 256 --clients 1024 --seconds 20
+//! cargo run --release --example hostile -- weights --depth 18 /tmp/random18.safetensors
 //! ```
 //!
-//! * `bombs`: `--copies` concurrent copies of each bomb (`tests/common/bombs.rs`: 16-bit PNG,
-//!   progressive JPEG whole and truncated to 3 KB, lossless WebP, all 7000×7000), plus one
-//!   normal request meanwhile; prints the statuses, the normal request's latency and the
-//!   server's peak RSS (`VmHWM` of `--pid`).
-//! * `storm`: first the capacity (32 closed-loop clients for `--seconds`), then `--clients`
-//!   closed-loop clients that retry at once on 429 (no backoff: the worst case), for
-//!   `--seconds`; prints goodput (200s per second) against capacity and the 429 latencies.
-//!   Goal (issue 11): goodput ≥ 80 % of capacity, 429 p50 under 10 ms.
+//! * `weights`: writes DiracNet-`--depth` random weights (speed does not depend on the values)
+//!   as safetensors, for `diracnet serve --model` (what `hostile.sh` serves by default).
+//! * `bombs`: `--copies` concurrent copies of each bomb (`tests/common/bombs.rs`: GIF, LZW
+//!   TIFF, 16-bit PNG, progressive JPEG whole and truncated to 3 KB, lossless WebP, all
+//!   7000×7000), plus one normal request meanwhile; prints the statuses, the normal request's
+//!   latency and the server's peak RSS (`VmHWM` of `--pid`).
+//! * `storm`: first the capacity (`--capacity-clients` closed-loop clients, default 128: enough
+//!   for full batches, not more than the queue holds), then `--clients` closed-loop clients
+//!   that retry at once on 429 (no backoff: the worst case), each for `--seconds`, with a
+//!   health probe on a fresh connection every 200 ms meanwhile; prints goodput (200s per
+//!   second) against capacity, the 429 latencies, connection errors by kind (after each, the
+//!   client pauses 50 ms) and the probes' latency. Goal (issue 11): goodput ≥ 80 % of capacity.
 
 #[path = "../tests/common/bombs.rs"]
 mod bombs;
@@ -22,6 +27,7 @@ mod bombs;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use diracnet::{model::Architecture, weights::convert::write_safetensors};
 
 fn flag(args: &[String], name: &str, default: &str) -> String {
     args.iter()
@@ -45,12 +51,32 @@ async fn main() -> Result<()> {
         }
         Some("storm") => {
             let clients: usize = flag(&args, "--clients", "1024").parse()?;
+            let capacity_clients: usize = flag(&args, "--capacity-clients", "128").parse()?;
+            let pid: Option<u32> = flag(&args, "--pid", "").parse().ok();
             let seconds: f64 = flag(&args, "--seconds", "20").parse()?;
             let image = flag(&args, "--image", "tests/fixtures/images/chelsea.jpg");
             let jpg = std::fs::read(&image).with_context(|| format!("reading {image}"))?;
-            storm_run(&base, clients, Duration::from_secs_f64(seconds), jpg).await
+            storm_run(
+                &base,
+                capacity_clients,
+                clients,
+                Duration::from_secs_f64(seconds),
+                jpg,
+                pid,
+            )
+            .await
         }
-        _ => bail!("usage: hostile bombs|storm [--port P] [...] (see the file's docs)"),
+        Some("weights") => {
+            let depth: usize = flag(&args, "--depth", "18").parse()?;
+            let out = args
+                .last()
+                .filter(|_| args.len() > 1)
+                .context("weights: OUT path")?;
+            let arch = Architecture::imagenet(depth, 1000).context("--depth 18 or 34")?;
+            write_safetensors(out.as_ref(), &arch.random_weights(42), Default::default())?;
+            Ok(())
+        }
+        _ => bail!("usage: hostile bombs|storm|weights [--port P] [...] (see the file's docs)"),
     }
 }
 
@@ -110,13 +136,33 @@ async fn bombs_run(base: &str, copies: usize, side: u32, pid: Option<u32>) -> Re
     Ok(())
 }
 
-/// Closed-loop clients for `length`: (200s, 429 latencies, other statuses).
-async fn closed_loop(
-    base: &str,
-    clients: usize,
-    length: Duration,
-    jpg: &[u8],
-) -> (usize, Vec<Duration>, usize) {
+/// What the closed-loop clients got.
+#[derive(Default)]
+struct Tally {
+    /// 200s.
+    ok: usize,
+    /// Latency of each 429.
+    refused: Vec<Duration>,
+    /// Other statuses.
+    other: usize,
+    /// Connection errors by kind (each followed by a 50 ms pause).
+    errors: std::collections::BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, t: Tally) {
+        self.ok += t.ok;
+        self.refused.extend(t.refused);
+        self.other += t.other;
+        for (kind, n) in t.errors {
+            *self.errors.entry(kind).or_default() += n;
+        }
+    }
+}
+
+/// `clients` closed-loop clients for `length`, each sending the next request as soon as its
+/// last one was answered (429s included: no backoff).
+async fn closed_loop(base: &str, clients: usize, length: Duration, jpg: &[u8]) -> Tally {
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()
@@ -126,7 +172,7 @@ async fn closed_loop(
         .map(|_| {
             let (c, url, body) = (c.clone(), format!("{base}/classify"), jpg.to_vec());
             tokio::spawn(async move {
-                let (mut ok, mut refused, mut other) = (0, Vec::new(), 0);
+                let mut t = Tally::default();
                 while Instant::now() < until {
                     let sent = Instant::now();
                     let r = c
@@ -135,47 +181,160 @@ async fn closed_loop(
                         .body(body.clone())
                         .send()
                         .await;
-                    match r.map(|r| r.status().as_u16()) {
-                        Ok(200) => ok += 1,
-                        Ok(429) => refused.push(sent.elapsed()),
-                        _ => other += 1,
+                    // Read the whole answer, as a client that keeps its connection must.
+                    let status = match r {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            r.bytes().await.map(|_| status)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match status {
+                        Ok(200) => t.ok += 1,
+                        Ok(429) => t.refused.push(sent.elapsed()),
+                        Ok(_) => t.other += 1,
+                        Err(e) => {
+                            // Back off a little, as real clients do, rather than spin on the
+                            // cores the server runs on.
+                            *t.errors.entry(error_kind(&e)).or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
                 }
-                (ok, refused, other)
+                t
             })
         })
         .collect();
-    let (mut ok, mut refused, mut other) = (0, Vec::new(), 0);
-    for t in tasks {
-        if let Ok((o, r, x)) = t.await {
-            ok += o;
-            refused.extend(r);
-            other += x;
+    let mut all = Tally::default();
+    for task in tasks {
+        if let Ok(t) = task.await {
+            all.add(t);
         }
     }
-    (ok, refused, other)
+    all
 }
 
-async fn storm_run(base: &str, clients: usize, length: Duration, jpg: Vec<u8>) -> Result<()> {
+/// CPU seconds (user + system) of `/proc/<id>/stat` (`self`, or a pid or `pid/task/tid`).
+fn cpu_seconds(id: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{id}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0 // USER_HZ
+}
+
+/// The server's CPU seconds: (its HTTP threads, the rest: model, preprocessing, main).
+fn server_cpu_seconds(pid: u32) -> (f64, f64) {
+    let (mut http, mut rest) = (0.0, 0.0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpu = cpu_seconds(&format!("{pid}/task/{tid}"));
+        if name.trim() == "tokio-rt-worker" {
+            http += cpu;
+        } else {
+            rest += cpu;
+        }
+    }
+    (http, rest)
+}
+
+/// A connection error's kind and innermost cause, e.g. `connect: Connection refused`.
+fn error_kind(e: &reqwest::Error) -> String {
+    let stage = if e.is_connect() {
+        "connect"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if e.is_body() || e.is_decode() {
+        "reading the answer"
+    } else {
+        "request"
+    };
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    format!("{stage}: {cause}")
+}
+
+async fn storm_run(
+    base: &str,
+    capacity_clients: usize,
+    clients: usize,
+    length: Duration,
+    jpg: Vec<u8>,
+    pid: Option<u32>,
+) -> Result<()> {
     let secs = length.as_secs_f64();
-    let (capacity, _, _) = closed_loop(base, 32, length, &jpg).await;
-    let capacity = capacity as f64 / secs;
-    println!("capacity (32 clients): {capacity:.1} img/s");
-    let (ok, mut refused, other) = closed_loop(base, clients, length, &jpg).await;
-    let goodput = ok as f64 / secs;
-    refused.sort_unstable();
+    let c = closed_loop(base, capacity_clients, length, &jpg).await;
+    let capacity = c.ok as f64 / secs;
+    println!(
+        "capacity ({capacity_clients} clients): {capacity:.1} img/s; {} refused with 429",
+        c.refused.len()
+    );
+    // Meanwhile a health probe on a connection of its own every 200 ms, as a kubelet's.
+    let probes = {
+        let url = format!("{base}/healthz");
+        tokio::spawn(async move {
+            let mut took = Vec::new();
+            let until = Instant::now() + length;
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let c = reqwest::Client::new();
+                let sent = Instant::now();
+                let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+                took.push((ok, sent.elapsed()));
+            }
+            took
+        })
+    };
+    let (client_before, server_before) = (cpu_seconds("self"), pid.map(server_cpu_seconds));
+    let mut t = closed_loop(base, clients, length, &jpg).await;
+    let client_cpu = (cpu_seconds("self") - client_before) / secs;
+    let server_cpu = pid
+        .map(server_cpu_seconds)
+        .zip(server_before)
+        .map(|((http, model), (http0, model0))| ((http - http0) / secs, (model - model0) / secs));
+    let mut probes = probes.await?;
+    let failed = probes.iter().filter(|(ok, _)| !ok).count();
+    probes.sort_unstable_by_key(|(_, d)| *d);
+    let ms = |d: Option<&(bool, Duration)>| d.map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e3);
+    let goodput = t.ok as f64 / secs;
+    t.refused.sort_unstable();
     let q = |p: f64| {
-        refused
-            .get(((refused.len() as f64 - 1.0) * p) as usize)
+        t.refused
+            .get(((t.refused.len() as f64 - 1.0) * p) as usize)
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     };
     println!(
         "storm ({clients} clients, retry at once): goodput {goodput:.1} img/s = {:.0} % of capacity; \
-         {} refused with 429 (p50 {:.1} ms, p99 {:.1} ms); {other} other answers or errors",
+         {} refused with 429 (p50 {:.1} ms, p99 {:.1} ms); {} other statuses; connection errors {:?}",
         100.0 * goodput / capacity,
-        refused.len(),
+        t.refused.len(),
         q(0.5),
-        q(0.99)
+        q(0.99),
+        t.other,
+        t.errors,
     );
+    println!(
+        "health probes meanwhile: {} sent, {failed} failed, p50 {:.1} ms, max {:.1} ms",
+        probes.len(),
+        ms(probes.get(probes.len() / 2)),
+        ms(probes.last()),
+    );
+    print!("cores busy during the storm: this client {client_cpu:.2}");
+    if let Some((http, model)) = server_cpu {
+        print!(", the server's HTTP threads {http:.2}, its model and preprocessing {model:.2}");
+    }
+    println!();
     Ok(())
 }

@@ -8,7 +8,8 @@
 //! 0. Ground floor, the vocabulary every layer shares: [`tensor`] (a host tensor, the network
 //!    input's size), [`hub`] (torch.hub's naming rules for checkpoint URLs), [`device`] (`auto`,
 //!    `cpu`, `cuda[:N]`), [`npy`] (`.npy` files of host tensors), [`panic`](mod@panic) (a caught panic as a
-//!    message), [`memory`] (allocator settings, peak memory).
+//!    message), [`memory`] (allocator settings, peak memory), [`priority`] (the HTTP threads
+//!    yield to the model's).
 //! 1. [`registry`] — the known models (`models/*.toml`), their label lists, how a user names a
 //!    model.
 //! 2. [`model`] — the DiracNet chain as candle layers: architecture, backend choice, layers, and
@@ -37,6 +38,7 @@ pub mod npy;
 pub mod panic;
 pub mod prediction;
 pub mod preprocess;
+pub mod priority;
 pub mod registry;
 pub mod server;
 pub mod tensor;

@@ -79,8 +79,21 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     init_threads(cli.threads);
+    // `serve`'s async threads yield to the model's (`diracnet::priority`); threads that the
+    // runtime's threads create inherit it, which the model's never are.
+    let http_nice = match &cli.command {
+        Command::Serve(args) => args.http_nice,
+        _ => 0,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(move || {
+            if http_nice > 0 {
+                if let Err(e) = diracnet::priority::set_current_thread_nice(http_nice) {
+                    tracing::warn!(error = %e, "could not lower the HTTP threads' priority");
+                }
+            }
+        })
         .build()
     {
         Ok(r) => r,

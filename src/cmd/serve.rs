@@ -71,10 +71,15 @@ pub struct ServeArgs {
     /// against it from its header, before decoding; one larger than the budget decodes alone).
     #[arg(long, env = "DIRACNET_PREPROCESS_MEMORY_MIB", default_value_t = defaults::PREPROCESS_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
     preprocess_memory_mib: u32,
-    /// Open connections at most. At the cap the connection idle the longest is closed to make
-    /// room; when all are busy, new ones wait in the listen backlog.
+    /// Open connections at most. Beyond, new ones wait in the listen backlog while room is
+    /// made: a connection idle for a second or more is closed, and one answer every 250 µs
+    /// carries `Connection: close`.
     #[arg(long, env = "DIRACNET_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Connections the kernel may hold, not yet accepted, beyond `--max-connections` (the
+    /// kernel caps it at `net.core.somaxconn`); beyond it, new connections are refused.
+    #[arg(long, env = "DIRACNET_LISTEN_BACKLOG", default_value_t = defaults::LISTEN_BACKLOG, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    listen_backlog: u32,
     /// Longest time to receive a request's headers, in seconds, from their first byte.
     #[arg(long, env = "DIRACNET_HEADER_TIMEOUT_S", default_value_t = defaults::HEADER_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout_s: u64,
@@ -82,6 +87,10 @@ pub struct ServeArgs {
     /// sent.
     #[arg(long, env = "DIRACNET_BODY_TIMEOUT_S", default_value_t = defaults::BODY_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
     body_timeout_s: u64,
+    /// Nice value of the HTTP threads (0-19; 0 = the model's): higher lets the model keep the
+    /// cores while a flood of requests is answered or refused.
+    #[arg(long, env = "DIRACNET_HTTP_NICE", default_value_t = defaults::HTTP_NICE, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub http_nice: i32,
     /// A connection with no request under way is closed after this many seconds.
     #[arg(long, env = "DIRACNET_IDLE_TIMEOUT_S", default_value_t = defaults::IDLE_TIMEOUT_S, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_s: u64,
@@ -121,7 +130,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         body_timeout: Duration::from_secs(args.body_timeout_s),
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
     };
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+    let listener = server::bind(&args.host, args.port, args.listen_backlog)
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     server::run(config, listener, shutdown::signal()).await?;

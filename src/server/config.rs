@@ -43,8 +43,8 @@ pub struct ServeConfig {
     pub preprocess_threads: usize,
     /// Memory budget of the images being decoded at once, in bytes.
     pub preprocess_memory: u64,
-    /// Open connections at most; at the cap the idlest is closed to make room (when all are
-    /// busy, new ones wait in the listen backlog).
+    /// Open connections at most; beyond, new ones wait in the listen backlog while room is
+    /// made ([`super::connections`]).
     pub max_connections: usize,
     /// Longest time to receive a request's headers, from its first byte.
     pub header_timeout: Duration,
@@ -72,6 +72,10 @@ pub mod defaults {
     pub const PREPROCESS_MEMORY_MIB: u32 = 1024;
     /// Open connections at most.
     pub const MAX_CONNECTIONS: u32 = 512;
+    /// Nice value of `serve`'s HTTP threads (the model's keep 0): see [`crate::priority`].
+    pub const HTTP_NICE: i32 = 15;
+    /// Connections the kernel holds for us, not yet accepted (capped by `net.core.somaxconn`).
+    pub const LISTEN_BACKLOG: u32 = 1024;
     /// Longest time to receive a request's headers, seconds.
     pub const HEADER_TIMEOUT_S: u64 = 10;
     /// Longest time to receive a request's body, seconds.

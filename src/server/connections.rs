@@ -18,10 +18,21 @@
 //! * **Busy**: a request is in the handlers. Its body must arrive within `body_timeout` (408,
 //!   [`super::body`]) and its inference ends by the request deadline, so busy is bounded too.
 //!
-//! At most `max_connections` are open. When a new connection would exceed that, the connection
-//! idle the longest is closed to make room (as a browser or a load balancer would reopen it);
-//! only when every connection is busy does the new one wait in the kernel's listen backlog. So
-//! idle sockets can never lock out a health probe.
+//! At most `max_connections` are open. While new connections wait beyond that, in the kernel's
+//! listen backlog (`--listen-backlog`), room is made:
+//!
+//! * a connection idle for [`EVICT_IDLE_AFTER`] or more (or that long in its head) is closed
+//!   at once ([`OpenConnections::make_room`]): a keep-alive client, a browser or a load
+//!   balancer reopens it when it needs it;
+//! * and connections rotate: one answer every [`ROTATE_EVERY`] carries `Connection: close`,
+//!   and its connection closes once the answer is written. That client loses nothing, never
+//!   sees a reset, and reconnects at the back of the backlog.
+//!
+//! A connection idle only a moment is never closed under its client, who may be sending its
+//! next request that very moment. So neither idle sockets nor a storm of busy keep-alive
+//! clients can lock out a health probe: it waits for the connections ahead of it in the
+//! backlog to be let in, about 4,000 a second, not for clients to leave; and the rotation is
+//! slow enough that the clients with a connection keep it for most of their requests.
 //!
 //! On shutdown ([`Connections::shut_down`]) the listener stops accepting and every connection
 //! closes as soon as its current response is written (hyper's graceful shutdown); responses sent
@@ -32,23 +43,38 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
     time::Duration,
 };
 
-use axum::{body::Body, extract::Request, Router};
+use axum::{
+    body::Body,
+    extract::Request,
+    http::{header, HeaderValue},
+    Router,
+};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{watch, Notify, OwnedSemaphorePermit, Semaphore},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError},
     time::Instant,
 };
 use tower::ServiceExt;
+
+/// How long a connection must have been idle (or in its head) to be closed to make room.
+pub const EVICT_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// While connections wait at the cap, one answer this often closes its connection.
+pub const ROTATE_EVERY: Duration = Duration::from_micros(250);
+
+/// How often the accept loop, waiting at the cap, looks again for a connection idle long
+/// enough to close.
+const ROOM_RETRY: Duration = Duration::from_millis(100);
 
 /// The connection limits (from [`super::ServeConfig`]).
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +113,34 @@ impl Connections {
     }
 }
 
+/// Listens on `host:port` (the first address it resolves to that binds) with room for
+/// `backlog` connections not yet accepted: the ones waiting at the cap. (The standard
+/// library's `bind` asks for 128, which a storm of clients overflows: their SYNs are dropped
+/// and they stall for seconds of retransmission.)
+pub async fn bind(host: &str, port: u16, backlog: u32) -> io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As the standard library does: a restarted server can bind while old connections
+        // linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the host resolves to no address",
+        )
+    }))
+}
+
 /// Serves `app` on `listener` within `limits` until [`Connections::shut_down`].
 pub fn serve(listener: TcpListener, app: Router, limits: Limits) -> Connections {
     let (stop, stopped) = watch::channel(false);
@@ -109,15 +163,23 @@ async fn accept_loop(
     stopped: watch::Receiver<bool>,
 ) {
     let open = Arc::new(OpenConnections::default());
+    let evict_after = limits.idle_timeout.min(EVICT_IDLE_AFTER);
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                // Full: make room by closing the connection idle the longest, if any, then
-                // wait for a slot (a busy connection ending, if none was idle).
-                open.close_idlest();
-                match slots.clone().acquire_owned().await {
-                    Ok(slot) => slot,
+        let slot = loop {
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => break slot,
+                Err(TryAcquireError::Closed) => return,
+                Err(TryAcquireError::NoPermits) => {}
+            }
+            // Full: keep-alive off until a slot frees, and close a long-idle connection if
+            // there is one (looking again now and then).
+            open.waiting.store(true, Ordering::Relaxed);
+            open.make_room(evict_after);
+            if let Ok(slot) = tokio::time::timeout(ROOM_RETRY, slots.clone().acquire_owned()).await
+            {
+                open.waiting.store(false, Ordering::Relaxed);
+                match slot {
+                    Ok(slot) => break slot,
                     Err(_) => return,
                 }
             }
@@ -161,12 +223,21 @@ async fn connection(
         watch: watch.clone(),
     });
     let service = {
-        let watch = watch.clone();
+        let (watch, open) = (watch.clone(), open.clone());
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let busy = Busy::begin(&watch);
-            let app = app.clone();
+            let (app, open) = (app.clone(), open.clone());
             async move {
-                let response = app.oneshot(request.map(Body::new)).await;
+                let mut response = app.oneshot(request.map(Body::new)).await;
+                if open.rotate_now() {
+                    // Connections wait for room: this answer is the connection's last, and says
+                    // so (hyper then closes it once the answer is written).
+                    if let Ok(response) = &mut response {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                }
                 drop(busy);
                 response
             }
@@ -177,6 +248,7 @@ async fn connection(
     builder.header_read_timeout(None);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
+    let evict_after = limits.idle_timeout.min(EVICT_IDLE_AFTER);
     let mut shutting_down = *stopped.borrow();
     if shutting_down {
         conn.as_mut().graceful_shutdown();
@@ -197,10 +269,11 @@ async fn connection(
                 }
             }
             () = watch.close.notified() => {
-                if watch.evictable() {
+                if watch.idle_for(evict_after) {
                     tracing::debug!("closing idle connection to make room");
                     break;
                 }
+                // Busy again since it was picked: its answer will close it.
             }
             changed = stopped.changed(), if !shutting_down => {
                 if changed.is_err() || *stopped.borrow() {
@@ -229,6 +302,7 @@ enum Phase {
 struct Watch {
     id: u64,
     phase: Mutex<Phase>,
+    /// Close now (sent only when the connection was idle long enough when picked).
     close: Notify,
 }
 
@@ -268,9 +342,13 @@ impl Watch {
         }
     }
 
-    /// True when closing the connection loses no request: idle, or in the middle of a head.
-    fn evictable(&self) -> bool {
-        !matches!(self.phase(), Phase::Busy(_))
+    /// True when the connection has been idle, or in a head, for `at_least`: closing it then
+    /// loses no request, and its client is most likely not sending one this very moment.
+    fn idle_for(&self, at_least: Duration) -> bool {
+        match self.phase() {
+            Phase::Idle(since) | Phase::Head(since) => since.elapsed() >= at_least,
+            Phase::Busy(_) => false,
+        }
     }
 }
 
@@ -301,6 +379,11 @@ impl Drop for Busy {
 struct OpenConnections {
     next: AtomicU64,
     watches: Mutex<HashMap<u64, Arc<Watch>>>,
+    /// True while connections wait at the cap.
+    waiting: AtomicBool,
+    /// When an answer last closed its connection to rotate, in ns since `epoch`.
+    rotated: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
 }
 
 impl OpenConnections {
@@ -319,17 +402,38 @@ impl OpenConnections {
         self.lock().remove(&id);
     }
 
-    /// Asks the connection that has been idle (or reading a head) the longest to close.
-    fn close_idlest(&self) {
+    /// True when the answer being sent should close its connection: connections wait at the
+    /// cap, and none closed to rotate for [`ROTATE_EVERY`].
+    fn rotate_now(&self) -> bool {
+        if !self.waiting.load(Ordering::Relaxed) {
+            return false;
+        }
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self.rotated.load(Ordering::Relaxed);
+        let every = u64::try_from(ROTATE_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        // `last == 0`: never rotated yet.
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .rotated
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Closes the connection idle (or in its head) the longest, if that is `evict_after` or
+    /// more.
+    fn make_room(&self, evict_after: Duration) {
         let idlest = self
             .lock()
             .values()
             .filter_map(|w| match w.phase() {
-                Phase::Idle(since) | Phase::Head(since) => Some((since, w.clone())),
+                Phase::Idle(since) | Phase::Head(since) => Some((since, w)),
                 Phase::Busy(_) => None,
             })
-            .min_by_key(|(since, _)| *since);
-        if let Some((_, watch)) = idlest {
+            .min_by_key(|(since, _)| *since)
+            .filter(|(since, _)| since.elapsed() >= evict_after)
+            .map(|(_, w)| w.clone());
+        if let Some(watch) = idlest {
             watch.close.notify_one();
         }
     }

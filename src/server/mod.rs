@@ -50,6 +50,7 @@ pub mod startup;
 pub mod state;
 
 pub use config::{defaults, ServeConfig};
+pub use connections::bind;
 pub use metrics::Metrics;
 pub use state::{AppState, ServedModel};
 

@@ -1,6 +1,6 @@
 //! Memory bombs: small files that announce a huge image. Each decodes (or starts decoding) a
 //! `side × side` picture, hundreds of MiB, from a file of a few hundred KB at most. Shared by
-//! the server test (`tests/server/limits.rs`) and the bench script (`examples/bombs.rs`).
+//! the server test (`tests/server/limits.rs`) and the bench (`bench/hostile.rs`).
 
 use std::io::Cursor;
 
@@ -15,7 +15,8 @@ pub struct Bomb {
 }
 
 /// The bombs of side `side`: a 16-bit RGB PNG, a progressive JPEG (whole, and truncated to
-/// its first 3,000 bytes), and a lossless WebP, all of one colour.
+/// its first 3,000 bytes), a lossless WebP, a GIF and an LZW-compressed TIFF, all of one
+/// colour.
 pub fn bombs(side: u32) -> Vec<Bomb> {
     let n = side as usize;
     let png16 = {
@@ -43,7 +44,40 @@ pub fn bombs(side: u32) -> Vec<Bomb> {
             .unwrap();
         out
     };
+    let gif = {
+        let mut out = Vec::new();
+        let side = u16::try_from(side).expect("GIF sides fit in 16 bits");
+        let mut e = gif::Encoder::new(&mut out, side, side, &[90, 90, 90, 0, 0, 0]).unwrap();
+        let frame = gif::Frame {
+            width: side,
+            height: side,
+            buffer: std::borrow::Cow::Owned(vec![0u8; n * n]),
+            ..gif::Frame::default()
+        };
+        e.write_frame(&frame).unwrap();
+        drop(e);
+        out
+    };
+    let tiff = {
+        let mut out = Cursor::new(Vec::new());
+        tiff::encoder::TiffEncoder::new(&mut out)
+            .unwrap()
+            .with_compression(tiff::encoder::Compression::Lzw)
+            .write_image::<tiff::encoder::colortype::RGB8>(side, side, &rgb)
+            .unwrap();
+        out.into_inner()
+    };
     vec![
+        Bomb {
+            name: "gif",
+            content_type: "image/gif",
+            bytes: gif,
+        },
+        Bomb {
+            name: "tiff-lzw",
+            content_type: "image/tiff",
+            bytes: tiff,
+        },
         Bomb {
             name: "png16",
             content_type: "image/png",

@@ -333,6 +333,129 @@ async fn idle_connections_make_room_for_new_ones_at_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_keep_alive_clients_at_the_cap_make_room_without_losing_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = medium_model(dir.path());
+    let m = format!("m={}", medium.display());
+    let s = TestServer::start(|c| {
+        let mut cfg = config(&[&m], c);
+        cfg.max_connections = 2;
+        cfg
+    })
+    .await;
+    // Two keep-alive clients that never pause hold both places.
+    let until = Instant::now() + Duration::from_secs(3);
+    let loops: Vec<_> = (0..2)
+        .map(|_| {
+            let url = s.url("/healthz");
+            tokio::spawn(async move {
+                let c = Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                let (mut answered, mut closing, mut errors) = (0, 0, Vec::new());
+                while Instant::now() < until {
+                    match c.get(&url).send().await {
+                        Ok(r) => {
+                            answered += 1;
+                            if r.headers().get("connection").is_some_and(|v| v == "close") {
+                                closing += 1;
+                            }
+                            let _ = r.bytes().await;
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                (answered, closing, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third client gets in: one of the busy connections was retired after an answer.
+    let probe = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        Client::new().get(s.url("/healthz")).send(),
+    )
+    .await
+    .expect("a probe waited behind busy keep-alive connections")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    println!("probe answered in {:?}", probe.elapsed());
+    let (mut answered, mut closing) = (0, 0);
+    for l in loops {
+        let (a, c, errors) = l.await.unwrap();
+        // Retiring a connection never cuts a request: no client saw an error.
+        assert!(
+            errors.is_empty(),
+            "keep-alive clients lost requests: {errors:?}"
+        );
+        answered += a;
+        closing += c;
+    }
+    assert!(
+        answered > 100,
+        "the clients were not busy: {answered} answers"
+    );
+    assert!(closing >= 1, "no answer said Connection: close");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_threads_yield_to_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = medium_model(dir.path());
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--model", &format!("m={}", medium.display())])
+        .args(["--device", "cpu", "--offline", "--log", "warn"])
+        .env("DIRACNET_CACHE", dir.path())
+        .env("DIRACNET_HTTP_NICE", "7")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = Client::new();
+    wait_ready_at(&c, &base).await;
+    // Serve a request first, so that every kind of thread exists.
+    let r = c
+        .post(format!("{base}/classify"))
+        .header("content-type", "image/jpeg")
+        .body(image("chelsea.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Each thread's name and nice value, from /proc (Linux only, as the nice value per thread).
+    let mut seen = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the parenthesised name; the nice value is field 19, the 17th of these.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i64 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        seen.entry(name.trim().to_string()).or_default().push(nice);
+    }
+    println!("threads and their nice values: {seen:?}");
+    let http = &seen["tokio-rt-worker"];
+    assert!(http.iter().all(|&n| n == 7), "HTTP threads: {http:?}");
+    let model: Vec<_> = seen
+        .iter()
+        .filter(|(name, _)| name.starts_with("compute-") || name.starts_with("preprocess"))
+        .collect();
+    assert!(
+        model.len() >= 2,
+        "no compute or preprocessing thread: {seen:?}"
+    );
+    for (name, nices) in model {
+        assert!(nices.iter().all(|&n| n == 0), "{name}: {nices:?}");
+    }
+    // The model's pool (unnamed threads, the binary's name) keeps the normal priority.
+    assert!(seen["diracnet"].iter().all(|&n| n == 0), "{seen:?}");
+    let _ = child.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_closes_keep_alive_connections_and_a_stuck_drain_fails() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
