@@ -2,7 +2,8 @@
 //!
 //! Input, the three ways TorchServe users expect:
 //! * raw body, `Content-Type: image/*` or `application/octet-stream`;
-//! * `multipart/form-data`, one or more file parts (text parts `top_k` and `model` allowed);
+//! * `multipart/form-data`, one or more file parts (or parts named `file`, `files`, `image`,
+//!   `images`), text parts `top_k` and `model` allowed, any other text part an error;
 //! * JSON `{"image": "<base64>"}` or `{"images": ["<base64>", ...]}`, optional `top_k`, `model`.
 //!
 //! This file only reads the request and writes the answer ([`ClassifyRequest`], a
@@ -31,26 +32,149 @@ use crate::{classifier::Classifier, prediction::Prediction};
 
 /// Query parameters of the classify routes.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ClassifyQuery {
     /// Number of classes to return per image (default 5, at most the class count).
+    #[param(minimum = 1, nullable = false)]
     pub top_k: Option<usize>,
     /// Model to use on `/classify` (default: the first model).
+    #[param(nullable = false)]
     pub model: Option<String>,
 }
 
-/// JSON request body.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// JSON request body: exactly one of `image` and `images`; no field may be `null` (leave it
+/// out instead), no other field is allowed.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyJson {
     /// One base64-encoded image file.
+    #[serde(default, deserialize_with = "present")]
     pub image: Option<String>,
     /// Several base64-encoded image files.
+    #[serde(default, deserialize_with = "present")]
     pub images: Option<Vec<String>>,
     /// Number of classes to return per image.
+    #[serde(default, deserialize_with = "present")]
     pub top_k: Option<usize>,
     /// Model to use (on `/classify`).
+    #[serde(default, deserialize_with = "present")]
     pub model: Option<String>,
 }
+
+/// A field that, when given, holds a value: `null` is an error, as the schema says.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+impl utoipa::PartialSchema for ClassifyJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // By hand: "exactly one of two fields" and "never null" are beyond the derive.
+        let base64 = |description: &str| {
+            serde_json::json!({
+                "type": "string",
+                "minLength": 1,
+                "format": "byte",
+                "contentEncoding": "base64",
+                "contentMediaType": "image/*",
+                "description": description,
+            })
+        };
+        let schema = serde_json::json!({
+            "allOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "image": base64("One base64-encoded image file."),
+                        "images": {
+                            "type": "array",
+                            "items": base64("A base64-encoded image file."),
+                            "minItems": 1,
+                            "description": "Several base64-encoded image files (at most --max-queue).",
+                        },
+                        "top_k": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "Classes per image (default 5; at most the model's class count).",
+                        },
+                        "model": {
+                            "type": "string",
+                            "description": "Model to use (on /classify; default the first).",
+                        },
+                    },
+                    "additionalProperties": false,
+                },
+                {
+                    "oneOf": [
+                        { "type": "object", "required": ["image"] },
+                        { "type": "object", "required": ["images"] },
+                    ],
+                },
+            ],
+            "description": "Exactly one of `image` and `images`; leave a field out rather than send null.",
+        });
+        // A constant of the right shape: a failure here is a bug the OpenAPI test catches.
+        serde_json::from_value(schema).expect("the ClassifyJson schema is valid")
+    }
+}
+
+impl utoipa::ToSchema for ClassifyJson {}
+
+/// An image file sent as the raw body (for the OpenAPI only: a binary string, which Swagger UI
+/// uploads from a file picker).
+pub struct ImageFile;
+
+impl utoipa::PartialSchema for ImageFile {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = serde_json::json!({
+            "type": "string",
+            "format": "binary",
+            "minLength": 1,
+            "description": "An image file: JPEG, PNG, WebP, BMP, GIF or TIFF.",
+        });
+        serde_json::from_value(schema).expect("the ImageFile schema is valid")
+    }
+}
+
+impl utoipa::ToSchema for ImageFile {}
+
+/// A multipart request (for the OpenAPI only): file parts, and optional text parts `top_k` and
+/// `model`.
+pub struct ClassifyMultipart;
+
+impl utoipa::PartialSchema for ClassifyMultipart {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "file": {
+                    "type": "array",
+                    "items": { "type": "string", "format": "binary", "minLength": 1 },
+                    "minItems": 1,
+                    "description": "One or more image files. Parts named `files`, `image` or `images`, and parts of any name with a file name or an image content type, are images too; any other text part is an error.",
+                },
+                "top_k": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Classes per image (default 5; at most the model's class count).",
+                },
+                "model": {
+                    "type": "string",
+                    "description": "Model to use (on /classify; default the first).",
+                },
+            },
+            "required": ["file"],
+            "additionalProperties": false,
+        });
+        serde_json::from_value(schema).expect("the ClassifyMultipart schema is valid")
+    }
+}
+
+impl utoipa::ToSchema for ClassifyMultipart {}
 
 /// Predictions for one image.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -107,29 +231,23 @@ struct Parsed {
 
 /// `POST /classify`
 #[utoipa::path(
-    post,
+    method(post, put),
     path = "/classify",
     tag = "classify",
     params(ClassifyQuery),
     request_body(
-        description = "An image file (raw body), multipart file parts, or JSON with base64 images",
+        description = "An image file (raw body; PUT as `curl -T` sends it), multipart file parts, or JSON with base64 images",
         content(
-            (Vec<u8> = "image/jpeg"),
-            (Vec<u8> = "application/octet-stream"),
+            (ImageFile = "image/*"),
+            (ImageFile = "application/octet-stream"),
             (ClassifyJson = "application/json"),
-            (String = "multipart/form-data"),
+            (ClassifyMultipart = "multipart/form-data"),
         )
     ),
     responses(
         (status = 200, description = "Top-k classes", body = ClassifyResponse,
          headers(("x-request-id" = String), ("x-preprocess-time-ms" = f64), ("x-queue-time-ms" = f64), ("x-inference-time-ms" = f64))),
-        (status = 400, description = "Malformed request or undecodable image", body = super::error::ErrorBody),
-        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
-        (status = 404, description = "Unknown model", body = super::error::ErrorBody),
-        (status = 413, description = "Body or image too large", body = super::error::ErrorBody),
-        (status = 415, description = "Not an image, or unsupported content type", body = super::error::ErrorBody),
-        (status = 429, description = "Queue full; retry later", body = super::error::ErrorBody),
-        (status = 503, description = "Not ready, shutting down, or deadline passed in queue", body = super::error::ErrorBody),
+        super::error::InferenceErrors,
     ),
     security((), ("bearer" = []))
 )]
@@ -149,21 +267,23 @@ pub async fn classify(
 
 /// `POST /models/{name}/classify`
 #[utoipa::path(
-    post,
+    method(post, put),
     path = "/models/{name}/classify",
     tag = "classify",
     params(("name" = String, Path, description = "Model name"), ClassifyQuery),
     request_body(
         description = "As for /classify",
         content(
-            (Vec<u8> = "image/jpeg"),
+            (ImageFile = "image/*"),
+            (ImageFile = "application/octet-stream"),
             (ClassifyJson = "application/json"),
-            (String = "multipart/form-data"),
+            (ClassifyMultipart = "multipart/form-data"),
         )
     ),
     responses(
-        (status = 200, description = "Top-k classes", body = ClassifyResponse),
-        (status = 404, description = "Unknown model", body = super::error::ErrorBody),
+        (status = 200, description = "Top-k classes", body = ClassifyResponse,
+         headers(("x-request-id" = String), ("x-preprocess-time-ms" = f64), ("x-queue-time-ms" = f64), ("x-inference-time-ms" = f64))),
+        super::error::InferenceErrors,
     ),
     security((), ("bearer" = []))
 )]
@@ -216,10 +336,18 @@ impl Protocol for ClassifyRequest {
         let Query(query) = self.query.map_err(|e| query_error(&e))?;
         let config = context.config;
         let parsed = parse(self.request, config.max_body_bytes, config.batch.max_queue).await?;
-        let wanted = self.path_model.or(query.model).or(parsed.model);
+        let wanted = agreed(
+            "model",
+            [
+                ("path", self.path_model),
+                ("query", query.model),
+                ("body", parsed.model),
+            ],
+        )?;
         let model = context.model(wanted.as_deref())?;
         let classes = model.classifier.classes();
-        let top_k = query.top_k.or(parsed.top_k).unwrap_or(5.min(classes));
+        let top_k = agreed("top_k", [("query", query.top_k), ("body", parsed.top_k)])?
+            .unwrap_or(5.min(classes));
         if top_k == 0 || top_k > classes {
             return Err(ApiError::bad_request(format!(
                 "top_k must be between 1 and {classes} (the class count)"
@@ -357,6 +485,31 @@ fn body_error(status: u16, text: String, max_body: usize) -> ApiError {
     }
 }
 
+/// The value of a setting that may come from several places (path, query, body): the one
+/// given, or none; an error when two places give different values (which one was meant?).
+fn agreed<T: PartialEq + std::fmt::Debug, const N: usize>(
+    name: &str,
+    places: [(&str, Option<T>); N],
+) -> Result<Option<T>, ApiError> {
+    let mut found: Option<(&str, T)> = None;
+    for (place, value) in places {
+        match (&found, value) {
+            (_, None) => {}
+            (None, Some(v)) => found = Some((place, v)),
+            (Some((_, first)), Some(v)) if *first == v => {}
+            (Some((first_place, first)), Some(v)) => {
+                return Err(ApiError::bad_request(format!(
+                    "{name} is {first:?} in the {first_place} but {v:?} in the {place}"
+                )))
+            }
+        }
+    }
+    Ok(found.map(|(_, v)| v))
+}
+
+/// Multipart parts that hold an image even without a file name or an image content type.
+const IMAGE_PARTS: [&str; 4] = ["file", "files", "image", "images"];
+
 async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, ApiError> {
     let mut mp = Multipart::from_request(request, &()).await.map_err(|e| {
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
@@ -373,7 +526,25 @@ async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, 
         let is_file = field.file_name().is_some()
             || field
                 .content_type()
-                .is_some_and(|c| c.starts_with("image/") || c == "application/octet-stream");
+                .is_some_and(|c| c.starts_with("image/") || c == "application/octet-stream")
+            || IMAGE_PARTS.contains(&name.as_str());
+        if !is_file && !["top_k", "model"].contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown form field {name:?}: send images as file parts (or parts named {}), \
+                 and optionally top_k and model",
+                IMAGE_PARTS.join(", ")
+            )));
+        }
+        let given = match name.as_str() {
+            "top_k" => top_k.is_some(),
+            "model" => model.is_some(),
+            _ => false,
+        };
+        if !is_file && given {
+            return Err(ApiError::bad_request(format!(
+                "form field {name:?} given twice"
+            )));
+        }
         let data = field.bytes().await.map_err(multipart_error)?;
         match name.as_str() {
             "top_k" if !is_file => {

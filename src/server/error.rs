@@ -44,6 +44,52 @@ pub struct ErrorBody {
     pub kind: String,
 }
 
+/// The error answers any inference route may give, for its OpenAPI `responses`: each body is
+/// an [`ErrorBody`].
+pub struct InferenceErrors;
+
+impl utoipa::IntoResponses for InferenceErrors {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        use utoipa::openapi::{
+            content::ContentBuilder, response::ResponseBuilder, Ref, ResponsesBuilder,
+        };
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+        };
+        ResponsesBuilder::new()
+            .response(
+                "400",
+                error("Malformed request, or an image that does not decode"),
+            )
+            .response("401", error("Missing or wrong API key (with --api-key)"))
+            .response("404", error("Unknown model"))
+            .response(
+                "408",
+                error("The body did not arrive within --body-timeout-s"),
+            )
+            .response(
+                "413",
+                error("Body, image count or image size over its limit"),
+            )
+            .response("415", error("Not an image, or an unsupported content type"))
+            .response("429", error("Queue full; retry after Retry-After seconds"))
+            .response(
+                "503",
+                error("Not ready, shutting down, or the deadline passed before computing"),
+            )
+            .build()
+            .into()
+    }
+}
+
 impl ApiError {
     /// An error with this status, kind and message.
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {

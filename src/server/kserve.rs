@@ -89,6 +89,7 @@ pub struct RequestInput {
     /// Shape: `[N, 3, 224, 224]` for FP32, `[N]` for BYTES.
     pub shape: Vec<i64>,
     /// `FP32` or `BYTES`.
+    #[schema(pattern = "^(FP32|BYTES)$")]
     pub datatype: String,
     /// Parameters (ignored: checked to be an object, not kept).
     #[serde(default)]
@@ -121,6 +122,7 @@ pub struct InferRequest {
     #[schema(value_type = Object)]
     pub parameters: Map<String, Value>,
     /// Exactly one input.
+    #[schema(min_items = 1, max_items = 1)]
     pub inputs: Vec<RequestInput>,
     /// Outputs wanted (default: `logits`; at most [`MAX_OUTPUTS`]).
     pub outputs: Option<Vec<RequestOutput>>,
@@ -314,10 +316,7 @@ pub async fn model_metadata(
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
     params(("name" = String, Path, description = "Model name")),
     request_body = InferRequest,
-    responses((status = 200, body = InferResponse),
-        (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody),
-        (status = 413, body = super::error::ErrorBody), (status = 429, body = super::error::ErrorBody),
-        (status = 503, body = super::error::ErrorBody)),
+    responses((status = 200, body = InferResponse), super::error::InferenceErrors),
     security((), ("bearer" = [])))]
 pub async fn infer(
     State(state): State<Arc<AppState>>,

@@ -46,7 +46,7 @@ use super::{
         kserve::model_ready, kserve::infer,
     ),
     components(schemas(
-        classify::ClassifyJson, classify::ClassifyResponse, classify::ImageResult,
+        classify::ClassifyJson, classify::ClassifyMultipart, classify::ImageFile, classify::ClassifyResponse, classify::ImageResult,
         classify::PredictionBody, super::error::ErrorBody, health::Health, health::Info,
         health::ModelInfo, health::Batching, health::ModelList, kserve::InferRequest, kserve::InferResponse, kserve::RequestInput,
         kserve::RequestOutput, kserve::ResponseOutput, kserve::ServerMetadata,

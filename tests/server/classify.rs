@@ -91,6 +91,25 @@ async fn every_input_mode_gives_the_same_answer() {
     assert_eq!(results.len(), 2);
     assert_eq!(results[0]["predictions"].as_array().unwrap().len(), 2);
     assert_eq!(top(&results[0]), top(&raw));
+    // A text part of another name is an error, not an image that fails to decode.
+    let (ct, body) = multipart(&[("file", Some("cat.jpg"), &jpg), ("topk", None, b"2")]);
+    let (st, _, v) = json_of(
+        c.post(s.url("/classify"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown form field \"topk\""),
+        "{v}"
+    );
 
     // JSON: image and images (with a data URL), model and top_k in the body.
     let (st, _, v) = json_of(

@@ -7,8 +7,8 @@ use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    config, dn18, eventually, free_port, image, json_of, medium_model, metric_at, wait_ready_at,
-    TestServer,
+    config, dn18, eventually, free_port, image, json_of, medium_model, metric_at, multipart,
+    wait_ready_at, TestServer,
 };
 
 /// What `promtool check metrics` checks of the text format, enough to catch a broken exposition.
@@ -161,6 +161,110 @@ async fn info_openapi_and_docs() {
         assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
         assert!(!r.headers().contains_key("x-frame-options"), "{path}");
     }
+    s.stop().await;
+}
+
+/// What Schemathesis found the OpenAPI and the server disagreeing on (scripts/schemathesis.sh
+/// runs it in full): each side of each point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_says_what_the_server_does() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let (_, _, api) = json_of(c.get(s.url("/openapi.json")).send().await.unwrap()).await;
+    let schemas = &api["components"]["schemas"];
+    for path in ["/classify", "/models/{name}/classify"] {
+        for method in ["post", "put"] {
+            let op = &api["paths"][path][method];
+            assert!(op.is_object(), "{method} {path} undocumented");
+            for status in [
+                "200", "400", "401", "404", "408", "413", "415", "429", "503",
+            ] {
+                assert!(
+                    op["responses"][status].is_object(),
+                    "{method} {path}: {status}"
+                );
+            }
+            let body = &op["requestBody"]["content"];
+            assert_eq!(
+                body["image/*"]["schema"]["$ref"],
+                "#/components/schemas/ImageFile"
+            );
+            for p in op["parameters"].as_array().unwrap() {
+                let expected = if p["name"] == "name" { "path" } else { "query" };
+                assert_eq!(p["in"], expected, "{method} {path}: {p}");
+            }
+        }
+    }
+    // Files are binary (Swagger UI's file picker), not arrays of integers.
+    assert_eq!(schemas["ImageFile"]["format"], "binary");
+    assert_eq!(
+        schemas["ClassifyMultipart"]["properties"]["file"]["items"]["format"],
+        "binary"
+    );
+    // `{}` is not a valid JSON body: exactly one of image and images.
+    let one_of = &schemas["ClassifyJson"]["allOf"][1]["oneOf"];
+    assert_eq!(one_of[0]["required"][0], "image", "{one_of}");
+    assert_eq!(one_of[1]["required"][0], "images", "{one_of}");
+    assert_eq!(
+        schemas["InferRequest"]["properties"]["inputs"]["maxItems"],
+        1
+    );
+
+    // The server's side: what the schema now forbids is refused.
+    let jpg = image("chelsea.jpg");
+    let refused = [
+        ("json {}", "/classify", "application/json", b"{}".to_vec()),
+        (
+            "json null",
+            "/classify",
+            "application/json",
+            br#"{"image": null, "images": ["x"]}"#.to_vec(),
+        ),
+        (
+            "unknown query",
+            "/classify?topk=3",
+            "image/jpeg",
+            jpg.clone(),
+        ),
+        (
+            "two models",
+            "/models/dn18w16_v03/classify?model=other",
+            "image/jpeg",
+            jpg.clone(),
+        ),
+    ];
+    for (what, path, content_type, body) in refused {
+        let r = c
+            .post(s.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
+    }
+    let (ct, body) = multipart(&[
+        ("file", Some("a.jpg"), &jpg),
+        ("top_k", None, b"1"),
+        ("top_k", None, b"2"),
+    ]);
+    let r = c
+        .put(s.url("/classify"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "top_k twice");
+    // And the same value in two places is fine.
+    let r = c
+        .put(s.url("/models/dn18w16_v03/classify?model=dn18w16_v03&top_k=2"))
+        .header("content-type", "image/jpeg")
+        .body(jpg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     s.stop().await;
 }
 
