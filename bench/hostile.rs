@@ -8,6 +8,9 @@
 //! cargo run --release --example hostile -- weights --depth 18 /tmp/random18.safetensors
 //! ```
 //!
+//! * `kserve`: `--clients` (16) closed-loop clients sending 15 MB KServe JSON bodies (11 images
+//!   of FP32) to `--model` (`m`) for `--seconds`, while `/healthz` is probed every 50 ms; prints
+//!   the answers' statuses and the probes' latency.
 //! * `weights`: writes DiracNet-`--depth` random weights (speed does not depend on the values)
 //!   as safetensors, for `diracnet serve --model` (what `hostile.sh` serves by default).
 //! * `bombs`: `--copies` concurrent copies of each bomb (`tests/common/bombs.rs`: GIF, LZW
@@ -47,7 +50,8 @@ async fn main() -> Result<()> {
             let copies: usize = flag(&args, "--copies", "32").parse()?;
             let side: u32 = flag(&args, "--side", "7000").parse()?;
             let pid: Option<u32> = flag(&args, "--pid", "").parse().ok();
-            bombs_run(&base, copies, side, pid).await
+            let only = flag(&args, "--only", "");
+            bombs_run(&base, copies, side, pid, &only).await
         }
         Some("storm") => {
             let clients: usize = flag(&args, "--clients", "1024").parse()?;
@@ -76,12 +80,32 @@ async fn main() -> Result<()> {
             write_safetensors(out.as_ref(), &arch.random_weights(42), Default::default())?;
             Ok(())
         }
-        _ => bail!("usage: hostile bombs|storm|weights [--port P] [...] (see the file's docs)"),
+        Some("kserve") => {
+            let clients: usize = flag(&args, "--clients", "16").parse()?;
+            let seconds: f64 = flag(&args, "--seconds", "20").parse()?;
+            let model = flag(&args, "--model", "m");
+            kserve_run(&base, &model, clients, Duration::from_secs_f64(seconds)).await
+        }
+        _ => bail!(
+            "usage: hostile bombs|storm|kserve|weights [--port P] [...] (see the file's docs)"
+        ),
     }
 }
 
-async fn bombs_run(base: &str, copies: usize, side: u32, pid: Option<u32>) -> Result<()> {
-    let bombs = bombs::bombs(side);
+async fn bombs_run(
+    base: &str,
+    copies: usize,
+    side: u32,
+    pid: Option<u32>,
+    only: &str,
+) -> Result<()> {
+    let mut bombs = bombs::bombs(side);
+    if !only.is_empty() {
+        bombs.retain(|b| b.name == only);
+        if bombs.is_empty() {
+            bail!("--only {only}: no such bomb");
+        }
+    }
     let c = reqwest::Client::new();
     let started = Instant::now();
     let mut sent = Vec::new();
@@ -212,6 +236,86 @@ async fn closed_loop(base: &str, clients: usize, length: Duration, jpg: &[u8]) -
         }
     }
     all
+}
+
+/// `clients` closed-loop clients sending KServe FP32 bodies of 11 images (15.2 MB of JSON, under
+/// the default 16 MiB limit) for `length`, while `/healthz` is probed every 50 ms: the probes'
+/// latency is what a liveness probe sees while large bodies are parsed.
+async fn kserve_run(base: &str, model: &str, clients: usize, length: Duration) -> Result<()> {
+    const IMAGES: usize = 11;
+    let values = IMAGES * 3 * 224 * 224;
+    let mut body = String::with_capacity(values * 10 + 200);
+    body.push_str(
+        r#"{"inputs":[{"name":"input","shape":[11,3,224,224],"datatype":"FP32","data":["#,
+    );
+    for i in 0..values {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!("{:.6}", (i % 1000) as f32 / 1000.0 - 0.5));
+    }
+    body.push_str("]}]}");
+    let body = axum::body::Bytes::from(body);
+    println!(
+        "{clients} clients, KServe bodies of {:.1} MB",
+        body.len() as f64 / 1e6
+    );
+    let c = reqwest::Client::new();
+    let until = Instant::now() + length;
+    let url = format!("{base}/v2/models/{model}/infer");
+    let senders: Vec<_> = (0..clients)
+        .map(|_| {
+            let (c, url, body) = (c.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+                while Instant::now() < until {
+                    let status = match c.post(&url).body(body.clone()).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let _ = r.bytes().await;
+                            s
+                        }
+                        Err(_) => 0,
+                    };
+                    *statuses.entry(status).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut probes = Vec::new();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sent = Instant::now();
+        let ok = c
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        probes.push((ok, sent.elapsed()));
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for s in senders {
+        for (status, n) in s.await? {
+            *statuses.entry(status).or_default() += n;
+        }
+    }
+    let failed = probes.iter().filter(|(ok, _)| !ok).count();
+    probes.sort_unstable_by_key(|(_, d)| *d);
+    let ms = |i: usize| {
+        probes
+            .get(i)
+            .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "KServe answers by status (0 = connection error): {statuses:?}; /healthz meanwhile: {} probes, \
+         {failed} failed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        probes.len(),
+        ms(probes.len() / 2),
+        ms(probes.len() * 99 / 100),
+        ms(probes.len().saturating_sub(1)),
+    );
+    Ok(())
 }
 
 /// CPU seconds (user + system) of `/proc/<id>/stat` (`self`, or a pid or `pid/task/tid`).
