@@ -29,8 +29,22 @@ struct Cli {
     #[arg(long, global = true, env = "DIRACNET_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
 
+    /// Best CPU kernel set to use: `auto` (the best this CPU runs) or a cap, to compare kernel
+    /// sets on one CPU (never more than the CPU has).
+    #[arg(long, global = true, env = "DIRACNET_CPU_ISA", value_enum, default_value_t = CpuIsa::Auto)]
+    cpu_isa: CpuIsa,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--cpu-isa`.
+#[derive(Clone, Copy, ValueEnum)]
+enum CpuIsa {
+    Auto,
+    Avx512,
+    Avx2,
+    Portable,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,6 +93,13 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     init_threads(cli.threads);
+    use diracnet::model::cpu::Isa;
+    match cli.cpu_isa {
+        CpuIsa::Auto => {}
+        CpuIsa::Avx512 => _ = Isa::limit(Isa::Avx512),
+        CpuIsa::Avx2 => _ = Isa::limit(Isa::Avx2Fma),
+        CpuIsa::Portable => _ = Isa::limit(Isa::Portable),
+    }
     // `serve`'s async threads yield to the model's (`diracnet::priority`); threads that the
     // runtime's threads create inherit it, which the model's never are.
     let http_nice = match &cli.command {

@@ -321,6 +321,11 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
         assert_eq!(v["batch"], 2, "{v}");
         assert_eq!(v["dtype"], "f32", "{v}");
         assert!(v["conv_impl"].as_str().unwrap().starts_with(expect), "{v}");
+        // The kernel set of the fast path; none for candle's conv.
+        match conv {
+            "fast" => assert!(v["isa"].is_string(), "{v}"),
+            _ => assert!(v["isa"].is_null(), "{v}"),
+        }
         assert!(v["iterations"].as_u64().unwrap() >= 5, "{v}");
         assert!(v["img_per_s_median"].as_f64().unwrap() > 0.0, "{v}");
     }

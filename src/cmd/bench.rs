@@ -87,6 +87,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "device": device::describe(&device),
         "conv_impl": backend.conv_description(),
+        "isa": backend.isa(),
         "dtype": backend.dtype_name(),
         "img_per_s_median": median,
         "img_per_s_min": rates[0],

@@ -133,6 +133,12 @@ impl Backend {
         self.dtype.as_str()
     }
 
+    /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`); `None` when
+    /// the fast path is not in use (candle's convolutions, or a GPU).
+    pub fn isa(&self) -> Option<&'static str> {
+        (self.conv == ConvImpl::Fast).then(|| cpu::isa().name())
+    }
+
     /// The convolution implementation in words, e.g. `fast (winograd f4x4, avx2+fma)`.
     pub fn conv_description(&self) -> String {
         match self.conv {

@@ -79,6 +79,8 @@ pub struct ModelInfo {
     pub queue_depth: usize,
     /// Convolution implementation, e.g. `fast (winograd f4x4, avx2+fma)` or `candle`.
     pub conv_impl: String,
+    /// CPU kernel set of the fast path: `avx512`, `avx2+fma` or `portable`; null without it.
+    pub isa: Option<&'static str>,
     /// Compute dtype: `f32`, `f16` or `bf16`.
     pub dtype: String,
 }
@@ -158,6 +160,7 @@ fn model_infos(state: &AppState) -> Vec<ModelInfo> {
                 input_shape: [3, INPUT_SIZE, INPUT_SIZE],
                 queue_depth: m.batcher.queue_depth(),
                 conv_impl: c.model.backend().conv_description(),
+                isa: c.model.backend().isa(),
                 dtype: c.model.backend().dtype_name().to_string(),
             }
         })

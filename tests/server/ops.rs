@@ -118,6 +118,14 @@ async fn info_openapi_and_docs() {
     assert_eq!(info["ready"], true);
     assert_eq!(info["models"][0]["depth"], 18);
     assert_eq!(info["models"][0]["classes"], 1000);
+    let isa = info["models"][0]["isa"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ["avx512", "avx2+fma", "portable"].contains(&isa.as_str()),
+        "{info}"
+    );
     assert_eq!(info["batching"]["max_batch_size"], 32);
     // A local weights file is shown by its name, never its directory.
     assert_eq!(info["models"][0]["source"], "dn18w16_v03.pth");

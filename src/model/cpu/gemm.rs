@@ -4,13 +4,17 @@
 //! `k × NR` contiguous, so the inner loop streams it with unit stride. `A` (activations) is read
 //! in place, [`MR`] rows at a time, through a row stride: im2col rows and Winograd tiles are
 //! already laid out as rows, so nothing is copied. A register-blocked `MR × NR` micro-kernel does
-//! the work: AVX2+FMA when the CPU has it (checked at run time, so one binary runs on any
-//! x86-64), plain Rust that the compiler vectorises otherwise (and on other architectures).
+//! the work: AVX-512 (`MR512 × 2·NR`, two panels at once) or AVX2+FMA (`MR × NR`) when the CPU
+//! has it (checked at run time, so one binary runs on any x86-64), plain Rust that the compiler
+//! vectorises otherwise (and on other architectures). Every kernel is tested against the
+//! portable one on ragged shapes.
 
 /// Rows of `A` per micro-kernel call.
 pub const MR: usize = 6;
-/// Columns of a packed panel of `B` (two AVX registers).
+/// Columns of a packed panel of `B` (two AVX registers, one AVX-512 register).
 pub const NR: usize = 16;
+/// Rows of `A` per AVX-512 micro-kernel call, over two panels: 16 ZMM accumulators.
+pub const MR512: usize = 8;
 
 /// A `k × n` matrix packed into `ceil(n / NR)` panels of `k × NR`, zero-padded on the right.
 #[derive(Debug, Clone)]
@@ -78,35 +82,79 @@ impl PackedB {
     }
 }
 
-/// The instruction set the kernels use, detected once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The instruction set the kernels use, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
-    /// x86-64 with AVX2 and FMA.
-    Avx2Fma,
     /// Anything else: portable code the compiler vectorises for the baseline target.
     Portable,
+    /// x86-64 with AVX2 and FMA.
+    Avx2Fma,
+    /// x86-64 with AVX-512F (and AVX2 and FMA, which every AVX-512 CPU has).
+    Avx512,
 }
 
+/// The most a user allows (`--cpu-isa`), set before the first [`Isa::detect`].
+static LIMIT: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+
 impl Isa {
-    /// The best kernels this CPU runs.
+    /// Every kernel set, worst first.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512];
+
+    /// The best kernels this CPU runs, within the cap set by [`Isa::limit`].
     pub fn detect() -> Self {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2Fma;
-            }
-            Isa::Portable
+            let best = Self::ALL
+                .into_iter()
+                .rev()
+                .find(|isa| isa.runs_here())
+                .unwrap_or(Isa::Portable);
+            best.min(LIMIT.get().copied().unwrap_or(Isa::Avx512))
         })
     }
 
-    /// Name for logs and `/info`.
+    /// Caps what [`Isa::detect`] returns (to compare kernel sets on one CPU). Takes effect only
+    /// before the first `detect`: false when it came too late.
+    pub fn limit(to: Isa) -> bool {
+        LIMIT.set(to).is_ok() && Self::detect() <= to
+    }
+
+    /// True when this CPU has what these kernels need.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Name for logs, `/info` and `bench --json`.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Avx512 => "avx512",
             Self::Avx2Fma => "avx2+fma",
             Self::Portable => "portable",
+        }
+    }
+
+    /// Parses a [`Self::name`] (`avx2` also names AVX2+FMA).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "avx512" => Some(Self::Avx512),
+            "avx2" | "avx2+fma" => Some(Self::Avx2Fma),
+            "portable" => Some(Self::Portable),
+            _ => None,
         }
     }
 }
@@ -162,6 +210,13 @@ pub fn gemm(
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= panels.end * NR, "gemm: bias too short");
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: AVX-512 was detected (an `Isa::Avx512` is only used where it runs); the
+        // bounds are the ones asserted above.
+        unsafe { gemm_avx512(m, a, lda, b, panels, c, ldc, n_valid, epi) };
+        return;
+    }
     let mut tmp = [0f32; MR * NR];
     for j in panels {
         let panel = b.panel(j);
@@ -206,6 +261,144 @@ pub fn gemm(
                 }
             }
             i += rows;
+        }
+    }
+}
+
+/// [`gemm`] with the AVX-512 kernel: tiles of up to [`MR512`] rows by two panels (one at the
+/// end of an odd range).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a`, `b`, `c` and the epilogue's bias as [`gemm`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gemm_avx512(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    panels: std::ops::Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    n_valid: usize,
+    epi: Epilogue<'_>,
+) {
+    let k = b.k;
+    let col0 = panels.start * NR;
+    let mut tmp = [0f32; MR512 * 2 * NR];
+    let mut j = panels.start;
+    while j < panels.end {
+        let pair = j + 1 < panels.end;
+        let width = if pair { 2 * NR } else { NR };
+        let cols = (n_valid.saturating_sub(j * NR)).min(width);
+        if cols == 0 {
+            break;
+        }
+        let b0 = b.panel(j).as_ptr();
+        let b1 = if pair { b.panel(j + 1).as_ptr() } else { b0 };
+        let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);
+        let mut i = 0;
+        while i < m {
+            let rows = MR512.min(m - i);
+            let c_off = i * ldc + j * NR - col0;
+            let (dst, ld) = if cols == width {
+                // SAFETY: rows `i..i+rows` of C hold `width` columns from `c_off` (asserted by
+                // `gemm`: C covers every valid column of the panels in every row).
+                (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
+            } else {
+                (tmp.as_mut_ptr(), 2 * NR)
+            };
+            // SAFETY: row `i` of A exists (i < m), as do the `rows` after it (asserted by
+            // `gemm`).
+            let a_rows = unsafe { a.as_ptr().add(i * lda) };
+            macro_rules! tile {
+                ($p:literal) => {
+                    match rows {
+                        8 => micro_avx512::<8, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        7 => micro_avx512::<7, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        6 => micro_avx512::<6, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        5 => micro_avx512::<5, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        4 => micro_avx512::<4, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        3 => micro_avx512::<3, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        2 => micro_avx512::<2, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                        _ => micro_avx512::<1, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
+                    }
+                };
+            }
+            // SAFETY: A holds rows `i..i+rows` of k values; each panel holds k × NR; `dst`
+            // holds `rows` rows of `width` at stride `ld` (C as above, or `tmp`).
+            unsafe {
+                if pair {
+                    tile!(2)
+                } else {
+                    tile!(1)
+                }
+            };
+            if cols < width {
+                for r in 0..rows {
+                    c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * 2 * NR..][..cols]);
+                }
+            }
+            i += rows;
+        }
+        j += if pair { 2 } else { 1 };
+    }
+}
+
+/// AVX-512 micro-kernel: `R × (P·16)` accumulators in `R·P` ZMM registers, one broadcast of `A`
+/// and `P` loads of `B` (one per panel) per step.
+///
+/// # Safety
+/// The CPU must support AVX-512F. `a` addresses `R` rows of `k` values at stride `lda`; `b0` (and
+/// `b1` when `P == 2`) a `k × NR` panel; `c` `R` rows of `P·NR` values at stride `ldc`; `bias`,
+/// when given, `P·NR` values.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn micro_avx512<const R: usize, const P: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b0: *const f32,
+    b1: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    use std::arch::x86_64::*;
+    let panels = [b0, b1];
+    // SAFETY: every offset stays inside the regions the caller vouched for.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for p in 0..k {
+            let mut bv = [_mm512_setzero_ps(); P];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(panels[q].add(p * NR));
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                for (x, &v) in acc_r.iter_mut().zip(&bv) {
+                    *x = _mm512_fmadd_ps(av, v, *x);
+                }
+            }
+        }
+        let mut add = [_mm512_setzero_ps(); P];
+        if let Some(bias) = bias {
+            for (q, v) in add.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bias.as_ptr().add(q * NR));
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (q, (&x, &b)) in acc_r.iter().zip(&add).enumerate() {
+                let mut y = _mm512_add_ps(x, b);
+                if relu {
+                    y = _mm512_max_ps(y, zero);
+                }
+                _mm512_storeu_ps(c.add(r * ldc + q * NR), y);
+            }
         }
     }
 }
@@ -377,12 +570,25 @@ mod tests {
 
     #[test]
     fn every_isa_matches_a_plain_product_with_ragged_edges() {
-        let mut isas = vec![Isa::Portable];
-        if Isa::detect() != Isa::Portable {
-            isas.push(Isa::detect());
+        let mut isas = Vec::new();
+        for isa in Isa::ALL {
+            if isa.runs_here() {
+                isas.push(isa);
+            } else {
+                println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
+            }
         }
         for isa in isas {
-            for &(m, k, n) in &[(1, 1, 1), (7, 5, 17), (13, 33, 40), (6, 64, 16), (25, 9, 3)] {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (7, 5, 17),
+                (13, 33, 40),
+                (6, 64, 16),
+                (25, 9, 3),
+                (9, 17, 48),
+                (16, 7, 33),
+                (17, 70, 80),
+            ] {
                 let a = values(m * k, 1);
                 let bm = values(k * n, 2);
                 let bias = values(n.div_ceil(NR) * NR, 3);

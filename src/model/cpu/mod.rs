@@ -39,9 +39,9 @@ pub fn isa() -> Isa {
     Isa::detect()
 }
 
-/// `wanted` if this CPU runs it, else the portable kernels.
+/// `wanted` if this CPU runs it (and `--cpu-isa` allows it), else the portable kernels.
 fn supported(wanted: Isa) -> Isa {
-    if wanted == isa() {
+    if wanted <= isa() {
         wanted
     } else {
         Isa::Portable
@@ -376,8 +376,8 @@ impl CustomOp1 for WinogradConv {
                 let len = POINTS * tn * (self.c_in_pad + (p1 - p0) * NR);
                 with_scratch(len, |scratch| match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA were detected.
-                    Isa::Avx2Fma => unsafe {
+                    // SAFETY: AVX2 and FMA were detected (AVX-512 CPUs have them too).
+                    Isa::Avx2Fma | Isa::Avx512 => unsafe {
                         self.item_avx2(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
                     },
                     _ => self.item(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch),
@@ -655,14 +655,23 @@ mod tests {
 
     #[test]
     fn winograd_matches_candle_conv_on_ragged_shapes() {
-        // Odd sizes: partial tiles, channels not a multiple of 8 or 16, two images.
-        for &(n, ci, co, h, w) in &[(2, 3, 5, 7, 9), (1, 16, 32, 8, 8), (1, 20, 17, 5, 13)] {
+        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
+            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
+        }
+        // Odd sizes: partial tiles, channels not a multiple of 8 or 16, odd panel counts (48
+        // channels: a pair of panels and one alone), two images.
+        for &(n, ci, co, h, w) in &[
+            (2, 3, 5, 7, 9),
+            (1, 16, 32, 8, 8),
+            (1, 20, 17, 5, 13),
+            (3, 24, 48, 9, 6),
+        ] {
             let x =
                 Tensor::from_vec(values(n * ci * h * w, 1), (n, ci, h, w), &Device::Cpu).unwrap();
             let wv = values(co * ci * 9, 2);
             let bv = values(co, 3);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
-            for isa in [Isa::Portable, isa()] {
+            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
                 let op = WinogradConv::new(&wv, &bv, co, ci).with_isa(isa);
                 let got = x
                     .permute((0, 2, 3, 1))
@@ -681,22 +690,27 @@ mod tests {
 
     #[test]
     fn im2col_conv_matches_candle_conv() {
-        for &(n, ci, co, h, w, k, s, p) in &[(2, 3, 20, 15, 11, 7, 2, 3), (1, 2, 16, 6, 6, 3, 1, 1)]
-        {
+        for &(n, ci, co, h, w, k, s, p) in &[
+            (2, 3, 20, 15, 11, 7, 2, 3),
+            (1, 2, 16, 6, 6, 3, 1, 1),
+            (1, 3, 40, 9, 9, 7, 2, 3),
+        ] {
             let x =
                 Tensor::from_vec(values(n * ci * h * w, 4), (n, ci, h, w), &Device::Cpu).unwrap();
             let wv = values(co * ci * k * k, 5);
             let bv = values(co, 6);
             let want = reference(&x, &wv, &bv, (co, ci, k), s, p);
-            let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p);
-            let got = x
-                .apply_op1_no_bwd(&op)
-                .unwrap()
-                .permute((0, 3, 1, 2))
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let err = max_rel_err(&got, &want);
-            assert!(err < 1e-6, "rel err {err}");
+            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+                let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p).with_isa(isa);
+                let got = x
+                    .apply_op1_no_bwd(&op)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-6, "{isa:?}: rel err {err}");
+            }
         }
     }
 
