@@ -312,18 +312,32 @@ struct Plan {
 }
 
 impl Plan {
+    /// Cuts `tiles` tiles × `panels` output panels into work items: blocks of tiles (each
+    /// streams the weights of its panels) × chunks of panels (each transforms its tiles' input).
+    /// Picks the cut with the least traffic (every block reads the weights once; every chunk
+    /// transforms the input once) among those with enough items for every thread, and blocks
+    /// whose transformed input stays in L2.
     fn new(tiles: usize, c_in_pad: usize, panels: usize, threads: usize) -> Self {
         // A block's transformed input for one point (block × c_in) should stay in L2 while the
         // GEMM sweeps every weight panel over it; bigger blocks reuse each weight more often.
         let cap = (48 * 1024 / c_in_pad).clamp(24, 144);
-        // Enough blocks that every thread gets some, when there are tiles for it.
-        let per_thread = tiles.div_ceil(threads.max(1));
-        let block = cap.min(per_thread.div_ceil(gemm::MR) * gemm::MR).max(1);
+        let (t, panels) = (tiles.max(1), panels.max(1));
+        let want = 2 * threads.max(1);
+        let fewest = t.div_ceil(cap);
+        let (mut best_cost, mut best) = (usize::MAX, (fewest, 1));
+        for blocks in fewest..=t.min(fewest.max(want)) {
+            let chunks = want.div_ceil(blocks).clamp(1, panels);
+            // Floats moved per point and input channel: weights once per block, the input
+            // transform once per chunk.
+            let cost = blocks * panels * NR + chunks * t;
+            if cost < best_cost {
+                (best_cost, best) = (cost, (blocks, chunks));
+            }
+        }
+        let block = t.div_ceil(best.0);
         let blocks = tiles.div_ceil(block);
-        // Few blocks (small maps, batch 1): split the output channels as well.
-        let want = (2 * threads).div_ceil(blocks).clamp(1, panels.max(1));
-        let panels_per_item = panels.div_ceil(want).max(1);
-        let chunks = panels.div_ceil(panels_per_item).max(1);
+        let panels_per_item = panels.div_ceil(best.1);
+        let chunks = panels.div_ceil(panels_per_item);
         Self {
             tiles,
             block,
@@ -686,6 +700,36 @@ mod tests {
                 assert!(err < 1e-5, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
             }
         }
+    }
+
+    #[test]
+    fn winograd_plans_cover_everything_and_keep_weight_traffic_low() {
+        // (tiles, input channels, panels, threads) → every tile and panel in exactly one item.
+        for &(tiles, c, panels, threads) in &[
+            (4, 512, 32, 2),
+            (16, 256, 16, 2),
+            (196, 64, 4, 2),
+            (6272, 64, 4, 2),
+            (1, 8, 1, 4),
+            (0, 8, 2, 2),
+            (37, 24, 3, 3),
+        ] {
+            let p = Plan::new(tiles, c, panels, threads);
+            assert!(p.block * p.blocks >= tiles && p.block * (p.blocks.max(1) - 1) < tiles.max(1));
+            assert!(p.panels_per_item * p.chunks >= panels);
+            assert!(p.panels_per_item * (p.chunks - 1) < panels);
+            assert!(
+                p.block <= (48 * 1024 / c).clamp(24, 144),
+                "{tiles} {c}: {p:?}"
+            );
+        }
+        // Batch 1 on 7×7 maps of 512 channels: one block (the 37.7 MB of weights read once),
+        // the output channels split for the threads.
+        let p = Plan::new(4, 512, 32, 2);
+        assert_eq!((p.blocks, p.chunks), (1, 4), "{p:?}");
+        // Large maps: tiles split, each input transformed once.
+        let p = Plan::new(6272, 64, 4, 2);
+        assert_eq!(p.chunks, 1, "{p:?}");
     }
 
     #[test]
