@@ -171,8 +171,8 @@ async fn accept_loop(
                 Err(TryAcquireError::Closed) => return,
                 Err(TryAcquireError::NoPermits) => {}
             }
-            // Full: keep-alive off until a slot frees, and close a long-idle connection if
-            // there is one (looking again now and then).
+            // Full: rotate connections (`rotate_now`) until a slot frees, and close a long-idle
+            // connection if there is one (looking again now and then).
             open.waiting.store(true, Ordering::Relaxed);
             open.make_room(evict_after);
             if let Ok(slot) = tokio::time::timeout(ROOM_RETRY, slots.clone().acquire_owned()).await
@@ -273,7 +273,7 @@ async fn connection(
                     tracing::debug!("closing idle connection to make room");
                     break;
                 }
-                // Busy again since it was picked: its answer will close it.
+                // Busy again since it was picked: it stays open (rotation may close it later).
             }
             changed = stopped.changed(), if !shutting_down => {
                 if changed.is_err() || *stopped.borrow() {
