@@ -34,7 +34,18 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import dnet  # noqa: E402
-from make_models import ensure_models  # noqa: E402
+
+
+def ensure_models(out, depths, seed):
+    """make_models.ensure_models, in a child process. Building the models and their float64
+    reference takes hundreds of MB, and Linux keeps a forked child's pre-exec high-water mark
+    in its ru_maxrss: every system timed after would report at least this process's peak."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+            "from make_models import ensure_models; "
+            "print(json.dumps(ensure_models(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))))")
+    r = subprocess.run([sys.executable, "-c", code, HERE, out, json.dumps(depths), str(seed)],
+                       stdout=subprocess.PIPE, text=True, check=True)
+    return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
 
 ORT, TORCH = "ort", "torch"
 LABEL = {ORT: "ONNX Runtime", TORCH: "PyTorch channels_last"}
