@@ -93,13 +93,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     init_threads(cli.threads);
-    use diracnet::model::cpu::Isa;
-    match cli.cpu_isa {
-        CpuIsa::Auto => {}
-        CpuIsa::Avx512 => _ = Isa::limit(Isa::Avx512),
-        CpuIsa::Avx2 => _ = Isa::limit(Isa::Avx2Fma),
-        CpuIsa::Portable => _ = Isa::limit(Isa::Portable),
-    }
+    limit_isa(cli.cpu_isa);
     // `serve`'s async threads yield to the model's (`diracnet::priority`); threads that the
     // runtime's threads create inherit it, which the model's never are.
     let http_nice = match &cli.command {
@@ -130,6 +124,18 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Caps the CPU kernel set (`--cpu-isa`), before anything detects it.
+fn limit_isa(choice: CpuIsa) {
+    use diracnet::model::cpu::Isa;
+    let cap = match choice {
+        CpuIsa::Auto => return,
+        CpuIsa::Avx512 => Isa::Avx512,
+        CpuIsa::Avx2 => Isa::Avx2Fma,
+        CpuIsa::Portable => Isa::Portable,
+    };
+    Isa::limit(cap);
 }
 
 /// Sizes the CPU thread pool that runs the model (the fast path's ops and candle's).

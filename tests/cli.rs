@@ -329,6 +329,28 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
         assert!(v["iterations"].as_u64().unwrap() >= 5, "{v}");
         assert!(v["img_per_s_median"].as_f64().unwrap() > 0.0, "{v}");
     }
+    // --cpu-isa caps the kernel set: portable runs anywhere.
+    let out = ok(&diracnet(
+        &[
+            "--cpu-isa",
+            "portable",
+            "bench",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--seconds",
+            "0",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+        dir.path(),
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["isa"], "portable", "{v}");
 }
 
 #[test]
