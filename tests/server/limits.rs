@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     common::bombs,
-    support::{config, free_port, image, json_of, medium_model, metric, wait_ready_at, TestServer},
+    support::{config, image, json_of, medium_model, metric, spawn_serve, TestServer},
 };
 
 /// A smooth `width × height` JPEG: cheap to send, as costly to decode as any of its size.
@@ -402,20 +402,13 @@ async fn busy_keep_alive_clients_at_the_cap_make_room_without_losing_a_request()
 async fn the_http_threads_yield_to_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
-    let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--model", &format!("m={}", medium.display())])
-        .args(["--device", "cpu", "--offline", "--log", "warn"])
-        .env("DIRACNET_CACHE", dir.path())
-        .env("DIRACNET_HTTP_NICE", "7")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let model = format!("m={}", medium.display());
+    let (mut child, base) = spawn_serve(dir.path(), &model, |cmd| {
+        cmd.args(["--log", "warn"]).env("DIRACNET_HTTP_NICE", "7");
+    })
+    .await;
     let pid = child.id().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    wait_ready_at(&c, &base).await;
     // Serve a request first, so that every kind of thread exists.
     let r = c
         .post(format!("{base}/classify"))
@@ -505,21 +498,14 @@ async fn memory_bombs_stay_within_the_budget_and_normal_requests_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
     let bombs = bombs::bombs(7000);
-    let port = free_port();
     // Default limits, in a process of its own, so that its peak memory is the server's.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--model", &format!("m={}", medium.display())])
-        .args(["--device", "cpu", "--offline", "--log", "warn"])
-        .args(["--request-timeout-ms", "20000"])
-        .env("DIRACNET_CACHE", dir.path())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let model = format!("m={}", medium.display());
+    let (mut child, base) = spawn_serve(dir.path(), &model, |cmd| {
+        cmd.args(["--log", "warn", "--request-timeout-ms", "20000"]);
+    })
+    .await;
     let pid = child.id().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    wait_ready_at(&c, &base).await;
     let before = bombs::peak_rss_mib(pid);
     let mut sent = Vec::new();
     for bomb in &bombs {

@@ -7,8 +7,8 @@ use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    config, dn18, eventually, free_port, image, json_of, medium_model, metric_at, multipart,
-    wait_ready_at, TestServer,
+    config, dn18, eventually, image, json_of, medium_model, metric_at, multipart, spawn_serve,
+    TestServer,
 };
 
 /// What `promtool check metrics` checks of the text format, enough to catch a broken exposition.
@@ -335,28 +335,21 @@ async fn api_key_file_and_request_log_lines() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, "k3y-from-file\n").unwrap();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--model", &dn18(), "--device", "cpu", "--offline"])
-        .arg("--api-key-file")
-        .arg(&key_file)
-        .args(["--log", "info", "--log-format", "json"])
-        .env_remove("DIRACNET_API_KEY")
-        .env("DIRACNET_CACHE", dir.path())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, base) = spawn_serve(dir.path(), &dn18(), |cmd| {
+        cmd.arg("--api-key-file")
+            .arg(&key_file)
+            .args(["--log", "info", "--log-format", "json"])
+            .env_remove("DIRACNET_API_KEY")
+            .stderr(std::process::Stdio::piped());
+    })
+    .await;
     let mut stderr = child.stderr.take().unwrap();
     let log = tokio::spawn(async move {
         let mut text = String::new();
         stderr.read_to_string(&mut text).await.unwrap();
         text
     });
-    let base = format!("http://127.0.0.1:{port}");
     let c = Client::new();
-    wait_ready_at(&c, &base).await;
     let png = image("tiny_5x7.png");
     let classify = |auth: Option<&str>, id: &str| {
         let mut r = c
@@ -434,23 +427,12 @@ async fn api_key_file_and_request_log_lines() {
 async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let medium = medium_model(dir.path());
-    let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"))
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--model",
-            &format!("m={}", medium.display()),
-            "--device",
-            "cpu",
-        ])
-        .args(["--max-batch-size", "2", "--offline", "--log-format", "json"])
-        .env("DIRACNET_CACHE", dir.path())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let model = format!("m={}", medium.display());
+    let (mut child, base) = spawn_serve(dir.path(), &model, |cmd| {
+        cmd.args(["--max-batch-size", "2", "--log-format", "json"]);
+    })
+    .await;
     let c = Client::new();
-    wait_ready_at(&c, &base).await;
     let jpg = Arc::new(image("chelsea.jpg"));
     let inflight: Vec<_> = (0..32)
         .map(|_| {
@@ -478,7 +460,7 @@ async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
     // A request whose body is still arriving holds the drain open: headers and half the body
     // now, the rest after SIGTERM.
     let half = jpg.len() / 2;
-    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut slow = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
         .await
         .unwrap();
     let head = format!(

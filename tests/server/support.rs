@@ -209,6 +209,27 @@ pub async fn metric_at(c: &Client, base: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A `diracnet serve` child process on 127.0.0.1 (CPU, offline, its cache in `cache`) serving
+/// `model`; `configure` adds flags and environment. Returns once it is ready, with its base URL.
+/// Killed when the child is dropped.
+pub async fn spawn_serve(
+    cache: &Path,
+    model: &str,
+    configure: impl FnOnce(&mut tokio::process::Command),
+) -> (tokio::process::Child, String) {
+    let port = free_port();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_diracnet"));
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--model", model, "--device", "cpu", "--offline"])
+        .env("DIRACNET_CACHE", cache)
+        .kill_on_drop(true);
+    configure(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready_at(&Client::new(), &base).await;
+    (child, base)
+}
+
 /// A port free on 127.0.0.1 now, for a server run as a child process.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
