@@ -283,39 +283,66 @@ async fn kserve_run(base: &str, model: &str, clients: usize, length: Duration) -
             })
         })
         .collect();
-    let mut probes = Vec::new();
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let sent = Instant::now();
-        let ok = c
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        probes.push((ok, sent.elapsed()));
-    }
+    let probes = probe_healthz(base.to_string(), Duration::from_millis(50), length, false).await;
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     for s in senders {
         for (status, n) in s.await? {
             *statuses.entry(status).or_default() += n;
         }
     }
-    let failed = probes.iter().filter(|(ok, _)| !ok).count();
-    probes.sort_unstable_by_key(|(_, d)| *d);
-    let ms = |i: usize| {
-        probes
-            .get(i)
-            .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e3)
-    };
     println!(
-        "KServe answers by status (0 = connection error): {statuses:?}; /healthz meanwhile: {} probes, \
-         {failed} failed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        probes.len(),
-        ms(probes.len() / 2),
-        ms(probes.len() * 99 / 100),
-        ms(probes.len().saturating_sub(1)),
+        "KServe answers by status (0 = connection error): {statuses:?}; /healthz meanwhile: {}",
+        probe_summary(&probes)
     );
     Ok(())
+}
+
+/// `/healthz` probed every `every` for `length`: whether each probe got 200, and its latency.
+/// Each probe on a connection of its own when `fresh` (as a kubelet probes), else all on one
+/// kept-alive connection.
+async fn probe_healthz(
+    base: String,
+    every: Duration,
+    length: Duration,
+    fresh: bool,
+) -> Vec<(bool, Duration)> {
+    let url = format!("{base}/healthz");
+    let kept = reqwest::Client::new();
+    let until = Instant::now() + length;
+    let mut probes = Vec::new();
+    while Instant::now() < until {
+        tokio::time::sleep(every).await;
+        let c = if fresh {
+            reqwest::Client::new()
+        } else {
+            kept.clone()
+        };
+        let sent = Instant::now();
+        let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+        probes.push((ok, sent.elapsed()));
+    }
+    probes
+}
+
+/// "N probes, F failed, p50 …, p99 …, max … ms".
+fn probe_summary(probes: &[(bool, Duration)]) -> String {
+    let failed = probes.iter().filter(|(ok, _)| !ok).count();
+    let mut took: Vec<Duration> = probes.iter().map(|&(_, d)| d).collect();
+    took.sort_unstable();
+    format!(
+        "{} probes, {failed} failed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        took.len(),
+        quantile_ms(&took, 0.5),
+        quantile_ms(&took, 0.99),
+        quantile_ms(&took, 1.0),
+    )
+}
+
+/// The `p` quantile of sorted latencies, in ms (NaN when there are none).
+fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
 }
 
 /// CPU seconds (user + system) of `/proc/<id>/stat` (`self`, or a pid or `pid/task/tid`).
@@ -386,21 +413,12 @@ async fn storm_run(
         c.refused.len()
     );
     // Meanwhile a health probe on a connection of its own every 200 ms, as a kubelet's.
-    let probes = {
-        let url = format!("{base}/healthz");
-        tokio::spawn(async move {
-            let mut took = Vec::new();
-            let until = Instant::now() + length;
-            while Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let c = reqwest::Client::new();
-                let sent = Instant::now();
-                let ok = c.get(&url).send().await.is_ok_and(|r| r.status() == 200);
-                took.push((ok, sent.elapsed()));
-            }
-            took
-        })
-    };
+    let probes = tokio::spawn(probe_healthz(
+        base.to_string(),
+        Duration::from_millis(200),
+        length,
+        true,
+    ));
     let (client_before, server_before) = (cpu_seconds("self"), pid.map(server_cpu_seconds));
     let mut t = closed_loop(base, clients, length, &jpg).await;
     let client_cpu = (cpu_seconds("self") - client_before) / secs;
@@ -408,33 +426,20 @@ async fn storm_run(
         .map(server_cpu_seconds)
         .zip(server_before)
         .map(|((http, model), (http0, model0))| ((http - http0) / secs, (model - model0) / secs));
-    let mut probes = probes.await?;
-    let failed = probes.iter().filter(|(ok, _)| !ok).count();
-    probes.sort_unstable_by_key(|(_, d)| *d);
-    let ms = |d: Option<&(bool, Duration)>| d.map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e3);
+    let probes = probes.await?;
     let goodput = t.ok as f64 / secs;
     t.refused.sort_unstable();
-    let q = |p: f64| {
-        t.refused
-            .get(((t.refused.len() as f64 - 1.0) * p) as usize)
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
-    };
     println!(
         "storm ({clients} clients, retry at once): goodput {goodput:.1} img/s = {:.0} % of capacity; \
          {} refused with 429 (p50 {:.1} ms, p99 {:.1} ms); {} other statuses; connection errors {:?}",
         100.0 * goodput / capacity,
         t.refused.len(),
-        q(0.5),
-        q(0.99),
+        quantile_ms(&t.refused, 0.5),
+        quantile_ms(&t.refused, 0.99),
         t.other,
         t.errors,
     );
-    println!(
-        "health probes meanwhile: {} sent, {failed} failed, p50 {:.1} ms, max {:.1} ms",
-        probes.len(),
-        ms(probes.get(probes.len() / 2)),
-        ms(probes.last()),
-    );
+    println!("health probes meanwhile: {}", probe_summary(&probes));
     print!("cores busy during the storm: this client {client_cpu:.2}");
     if let Some((http, model)) = server_cpu {
         print!(", the server's HTTP threads {http:.2}, its model and preprocessing {model:.2}");
