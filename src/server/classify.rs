@@ -71,9 +71,42 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// The schemas of the request bodies below are written as JSON: "exactly one of two fields",
+/// "never null" and binary files are beyond the derive. These are their shared parts.
+fn file_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "format": "binary",
+        "minLength": 1,
+        "description": "An image file: JPEG, PNG, WebP, BMP, GIF or TIFF.",
+    })
+}
+
+/// `top_k`, in a JSON body or a multipart form.
+fn top_k_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "integer",
+        "minimum": 1,
+        "description": "Classes per image (default 5; at most the model's class count).",
+    })
+}
+
+/// `model`, in a JSON body or a multipart form.
+fn model_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "description": "Model to use (on /classify; default the first).",
+    })
+}
+
+/// A schema written as JSON. Each is a constant of the right shape: a failure here is a bug,
+/// which the OpenAPI test catches.
+fn parsed(schema: serde_json::Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    serde_json::from_value(schema).expect("a valid OpenAPI schema")
+}
+
 impl utoipa::PartialSchema for ClassifyJson {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        // By hand: "exactly one of two fields" and "never null" are beyond the derive.
         let base64 = |description: &str| {
             serde_json::json!({
                 "type": "string",
@@ -96,15 +129,8 @@ impl utoipa::PartialSchema for ClassifyJson {
                             "minItems": 1,
                             "description": "Several base64-encoded image files (at most --max-queue).",
                         },
-                        "top_k": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "description": "Classes per image (default 5; at most the model's class count).",
-                        },
-                        "model": {
-                            "type": "string",
-                            "description": "Model to use (on /classify; default the first).",
-                        },
+                        "top_k": top_k_schema(),
+                        "model": model_schema(),
                     },
                     "additionalProperties": false,
                 },
@@ -117,8 +143,7 @@ impl utoipa::PartialSchema for ClassifyJson {
             ],
             "description": "Exactly one of `image` and `images`; leave a field out rather than send null.",
         });
-        // A constant of the right shape: a failure here is a bug the OpenAPI test catches.
-        serde_json::from_value(schema).expect("the ClassifyJson schema is valid")
+        parsed(schema)
     }
 }
 
@@ -130,13 +155,7 @@ pub struct ImageFile;
 
 impl utoipa::PartialSchema for ImageFile {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        let schema = serde_json::json!({
-            "type": "string",
-            "format": "binary",
-            "minLength": 1,
-            "description": "An image file: JPEG, PNG, WebP, BMP, GIF or TIFF.",
-        });
-        serde_json::from_value(schema).expect("the ImageFile schema is valid")
+        parsed(file_schema())
     }
 }
 
@@ -153,24 +172,17 @@ impl utoipa::PartialSchema for ClassifyMultipart {
             "properties": {
                 "file": {
                     "type": "array",
-                    "items": { "type": "string", "format": "binary", "minLength": 1 },
+                    "items": file_schema(),
                     "minItems": 1,
                     "description": "One or more image files. Parts named `files`, `image` or `images`, and parts of any name with a file name or an image content type, are images too; any other text part is an error.",
                 },
-                "top_k": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "description": "Classes per image (default 5; at most the model's class count).",
-                },
-                "model": {
-                    "type": "string",
-                    "description": "Model to use (on /classify; default the first).",
-                },
+                "top_k": top_k_schema(),
+                "model": model_schema(),
             },
             "required": ["file"],
             "additionalProperties": false,
         });
-        serde_json::from_value(schema).expect("the ClassifyMultipart schema is valid")
+        parsed(schema)
     }
 }
 
