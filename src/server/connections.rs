@@ -87,6 +87,14 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
+impl Limits {
+    /// How long a connection must have been idle to be closed to make room: a second, or the
+    /// idle timeout if that is shorter.
+    fn evict_after(&self) -> Duration {
+        self.idle_timeout.min(EVICT_IDLE_AFTER)
+    }
+}
+
 /// The serving side of the listener: what [`serve`] returns, to shut it down and to count what
 /// is still open.
 pub struct Connections {
@@ -163,7 +171,6 @@ async fn accept_loop(
     stopped: watch::Receiver<bool>,
 ) {
     let open = Arc::new(OpenConnections::default());
-    let evict_after = limits.idle_timeout.min(EVICT_IDLE_AFTER);
     loop {
         let slot = loop {
             match slots.clone().try_acquire_owned() {
@@ -174,7 +181,7 @@ async fn accept_loop(
             // Full: rotate connections (`rotate_now`) until a slot frees, and close a long-idle
             // connection if there is one (looking again now and then).
             open.waiting.store(true, Ordering::Relaxed);
-            open.make_room(evict_after);
+            open.make_room(limits.evict_after());
             if let Ok(slot) = tokio::time::timeout(ROOM_RETRY, slots.clone().acquire_owned()).await
             {
                 open.waiting.store(false, Ordering::Relaxed);
@@ -248,7 +255,6 @@ async fn connection(
     builder.header_read_timeout(None);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    let evict_after = limits.idle_timeout.min(EVICT_IDLE_AFTER);
     let mut shutting_down = *stopped.borrow();
     if shutting_down {
         conn.as_mut().graceful_shutdown();
@@ -269,7 +275,7 @@ async fn connection(
                 }
             }
             () = watch.close.notified() => {
-                if watch.idle_for(evict_after) {
+                if watch.idle_for(limits.evict_after()) {
                     tracing::debug!("closing idle connection to make room");
                     break;
                 }
