@@ -210,139 +210,154 @@ pub fn gemm(
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= panels.end * NR, "gemm: bias too short");
     }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        // SAFETY: AVX-512 was detected (an `Isa::Avx512` is only used where it runs); the
-        // bounds are the ones asserted above.
-        unsafe { gemm_avx512(m, a, lda, b, panels, c, ldc, n_valid, epi) };
-        return;
-    }
-    let mut tmp = [0f32; MR * NR];
-    for j in panels {
-        let panel = b.panel(j);
-        let cols = (n_valid.saturating_sub(j * NR)).min(NR);
-        if cols == 0 {
-            continue;
-        }
-        let bias = epi.bias.map(|b| &b[j * NR..(j + 1) * NR]);
-        let mut i = 0;
-        while i < m {
-            let rows = MR.min(m - i);
-            let a_rows = &a[i * lda..];
-            let c_off = i * ldc + j * NR - col0;
-            // A full panel goes straight to C; a partial one is computed aside in `tmp` and
-            // only its valid columns are copied.
-            let (dst, ld) = if cols == NR {
-                // SAFETY: the asserts above bound every row `i..i+rows` of C (NR columns from
-                // `c_off`, within `width` of the last row).
-                (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
-            } else {
-                (tmp.as_mut_ptr(), NR)
-            };
-            // SAFETY: A holds rows `i..i+rows` of k values (asserted above); `dst` holds `rows`
-            // rows of NR at stride `ld` (C as above, or `tmp`: MR rows of NR).
+    let walk = Walk {
+        m,
+        a,
+        lda,
+        b,
+        panels,
+        n_valid,
+        bias: epi.bias,
+    };
+    // Every tile the walk hands over addresses `rows` rows of A (k values at stride `lda`),
+    // `panels` whole panels of B, and `rows` rows of `panels · NR` values at stride `ld` in C or
+    // the walk's scratch: the asserts above bound them.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => walk.tiles(c, ldc, MR512, 2, |t| {
+            // SAFETY: the tile as above; AVX-512 was detected (an `Isa::Avx512` is made only
+            // where it runs).
+            unsafe { tile_avx512(t, k, lda, epi.relu) }
+        }),
+        _ => walk.tiles(c, ldc, MR, 1, |t| {
+            debug_assert_eq!(t.panels, 1);
+            // SAFETY: the tile as above; `micro` runs AVX2 only where it was detected.
             unsafe {
                 micro(
-                    isa,
+                    isa, t.rows, k, t.a, lda, t.b[0], t.dst, t.ld, t.bias, epi.relu,
+                )
+            }
+        }),
+    }
+}
+
+/// What [`gemm`] computes, for [`Walk::tiles`] to cut into micro-kernel tiles.
+struct Walk<'a> {
+    m: usize,
+    a: &'a [f32],
+    lda: usize,
+    b: &'a PackedB,
+    panels: std::ops::Range<usize>,
+    n_valid: usize,
+    bias: Option<&'a [f32]>,
+}
+
+/// One micro-kernel call: `rows` rows of A from `a`, `panels` panels of B from `b[0]` (and
+/// `b[1]`), into `rows` rows of `panels · NR` values at `dst` (stride `ld`).
+struct Tile<'a> {
+    rows: usize,
+    panels: usize,
+    a: *const f32,
+    b: [*const f32; 2],
+    dst: *mut f32,
+    ld: usize,
+    bias: Option<&'a [f32]>,
+}
+
+impl Walk<'_> {
+    /// Calls `kernel` on tiles of up to `mr` rows × `np` (1 or 2) panels covering C, fewer
+    /// panels at the end of the range. A tile with columns past `n_valid` is computed into
+    /// scratch and only its valid columns are copied to C. `kernel` must fill every row and
+    /// column of its tile.
+    fn tiles(&self, c: &mut [f32], ldc: usize, mr: usize, np: usize, mut kernel: impl FnMut(Tile)) {
+        debug_assert!((1..=2).contains(&np) && mr <= MR512.max(MR));
+        let col0 = self.panels.start * NR;
+        let mut tmp = [0f32; MR512 * 2 * NR];
+        let mut j = self.panels.start;
+        while j < self.panels.end {
+            let panels = np.min(self.panels.end - j);
+            let width = panels * NR;
+            let cols = (self.n_valid.saturating_sub(j * NR)).min(width);
+            if cols == 0 {
+                break;
+            }
+            let b0 = self.b.panel(j).as_ptr();
+            let b1 = if panels == 2 {
+                self.b.panel(j + 1).as_ptr()
+            } else {
+                b0
+            };
+            let bias = self.bias.map(|bias| &bias[j * NR..j * NR + width]);
+            let mut i = 0;
+            while i < self.m {
+                let rows = mr.min(self.m - i);
+                let c_off = i * ldc + j * NR - col0;
+                let (dst, ld) = if cols == width {
+                    // SAFETY: rows `i..i+rows` of C hold `width` columns from `c_off` (asserted
+                    // by `gemm`: C covers every valid column of the panels in every row).
+                    (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
+                } else {
+                    (tmp.as_mut_ptr(), width)
+                };
+                kernel(Tile {
                     rows,
-                    k,
-                    a_rows.as_ptr(),
-                    lda,
-                    panel.as_ptr(),
+                    panels,
+                    // SAFETY: row `i < m` of A exists (asserted by `gemm`).
+                    a: unsafe { self.a.as_ptr().add(i * self.lda) },
+                    b: [b0, b1],
                     dst,
                     ld,
                     bias,
-                    epi.relu,
-                )
-            };
-            if cols < NR {
-                for r in 0..rows {
-                    c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * NR..][..cols]);
+                });
+                if cols < width {
+                    for r in 0..rows {
+                        c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * width..][..cols]);
+                    }
                 }
+                i += rows;
             }
-            i += rows;
+            j += panels;
         }
     }
 }
 
-/// [`gemm`] with the AVX-512 kernel: tiles of up to [`MR512`] rows by two panels (one at the
-/// end of an odd range).
+/// One AVX-512 tile: up to [`MR512`] rows by one or two panels.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `a`, `b`, `c` and the epilogue's bias as [`gemm`] asserts.
+/// The CPU must support AVX-512F; the tile as [`Tile`] says.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gemm_avx512(
-    m: usize,
-    a: &[f32],
-    lda: usize,
-    b: &PackedB,
-    panels: std::ops::Range<usize>,
-    c: &mut [f32],
-    ldc: usize,
-    n_valid: usize,
-    epi: Epilogue<'_>,
-) {
-    let k = b.k;
-    let col0 = panels.start * NR;
-    let mut tmp = [0f32; MR512 * 2 * NR];
-    let mut j = panels.start;
-    while j < panels.end {
-        let pair = j + 1 < panels.end;
-        let width = if pair { 2 * NR } else { NR };
-        let cols = (n_valid.saturating_sub(j * NR)).min(width);
-        if cols == 0 {
-            break;
-        }
-        let b0 = b.panel(j).as_ptr();
-        let b1 = if pair { b.panel(j + 1).as_ptr() } else { b0 };
-        let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);
-        let mut i = 0;
-        while i < m {
-            let rows = MR512.min(m - i);
-            let c_off = i * ldc + j * NR - col0;
-            let (dst, ld) = if cols == width {
-                // SAFETY: rows `i..i+rows` of C hold `width` columns from `c_off` (asserted by
-                // `gemm`: C covers every valid column of the panels in every row).
-                (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
-            } else {
-                (tmp.as_mut_ptr(), 2 * NR)
-            };
-            // SAFETY: row `i` of A exists (i < m), as do the `rows` after it (asserted by
-            // `gemm`).
-            let a_rows = unsafe { a.as_ptr().add(i * lda) };
-            macro_rules! tile {
-                ($p:literal) => {
-                    match rows {
-                        8 => micro_avx512::<8, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        7 => micro_avx512::<7, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        6 => micro_avx512::<6, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        5 => micro_avx512::<5, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        4 => micro_avx512::<4, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        3 => micro_avx512::<3, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        2 => micro_avx512::<2, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                        _ => micro_avx512::<1, $p>(k, a_rows, lda, b0, b1, dst, ld, bias, epi.relu),
-                    }
-                };
+unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
+    let Tile {
+        rows,
+        panels,
+        a,
+        b: [b0, b1],
+        dst,
+        ld,
+        bias,
+    } = t;
+    macro_rules! rows {
+        ($p:literal) => {
+            match rows {
+                8 => micro_avx512::<8, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                7 => micro_avx512::<7, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                6 => micro_avx512::<6, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                5 => micro_avx512::<5, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                4 => micro_avx512::<4, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                3 => micro_avx512::<3, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                2 => micro_avx512::<2, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                _ => micro_avx512::<1, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
             }
-            // SAFETY: A holds rows `i..i+rows` of k values; each panel holds k × NR; `dst`
-            // holds `rows` rows of `width` at stride `ld` (C as above, or `tmp`).
-            unsafe {
-                if pair {
-                    tile!(2)
-                } else {
-                    tile!(1)
-                }
-            };
-            if cols < width {
-                for r in 0..rows {
-                    c[c_off + r * ldc..][..cols].copy_from_slice(&tmp[r * 2 * NR..][..cols]);
-                }
-            }
-            i += rows;
+        };
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if panels == 2 {
+            rows!(2)
+        } else {
+            rows!(1)
         }
-        j += if pair { 2 } else { 1 };
     }
 }
 
