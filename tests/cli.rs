@@ -294,7 +294,12 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("models/dn18w16.safetensors");
     let model = model.to_str().unwrap();
-    for (conv, expect) in [("fast", "fast (winograd f4x4, "), ("candle", "candle")] {
+    for (conv, expect) in [
+        ("fast", "fast (winograd f4x4 + direct, "),
+        ("winograd", "fast (winograd f4x4, "),
+        ("direct", "fast (direct, "),
+        ("candle", "candle"),
+    ] {
         let out = ok(&diracnet(
             &[
                 "--threads",
@@ -323,8 +328,8 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
         assert!(v["conv_impl"].as_str().unwrap().starts_with(expect), "{v}");
         // The kernel set of the fast path; none for candle's conv.
         match conv {
-            "fast" => assert!(v["isa"].is_string(), "{v}"),
-            _ => assert!(v["isa"].is_null(), "{v}"),
+            "candle" => assert!(v["isa"].is_null(), "{v}"),
+            _ => assert!(v["isa"].is_string(), "{v}"),
         }
         assert!(v["iterations"].as_u64().unwrap() >= 5, "{v}");
         assert!(v["img_per_s_median"].as_f64().unwrap() > 0.0, "{v}");
@@ -379,12 +384,13 @@ fn impossible_backends_are_refused_with_the_reason() {
     assert!(e.contains("CUDA"), "{e}");
     let out = Command::new(env!("CARGO_BIN_EXE_diracnet"))
         .args(base)
-        .env("DIRACNET_CONV_IMPL", "winograd")
+        .env("DIRACNET_CONV_IMPL", "im2col")
         .env("DIRACNET_CACHE", dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, fast or candle"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("expected auto, fast, winograd, direct or candle"));
 }
 
 #[test]

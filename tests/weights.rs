@@ -119,12 +119,18 @@ struct Parity {
     max_logit: f32,
 }
 
-/// Parity of both conv implementations (fast CPU path and candle's conv2d) with PyTorch.
+/// Parity of every conv implementation with PyTorch: the fast CPU path as it chooses, with
+/// each 3×3 algorithm forced, and candle's conv2d.
 fn logits_parity(model_file: &Path, logits_file: &str) -> Vec<Parity> {
-    [ConvImpl::Fast, ConvImpl::Candle]
-        .into_iter()
-        .map(|conv| logits_parity_with(model_file, logits_file, conv))
-        .collect()
+    [
+        ConvImpl::Fast,
+        ConvImpl::Winograd,
+        ConvImpl::Direct,
+        ConvImpl::Candle,
+    ]
+    .into_iter()
+    .map(|conv| logits_parity_with(model_file, logits_file, conv))
+    .collect()
 }
 
 fn logits_parity_with(model_file: &Path, logits_file: &str, conv: ConvImpl) -> Parity {

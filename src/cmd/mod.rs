@@ -43,8 +43,10 @@ pub struct ModelArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "DIRACNET_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
-    /// Convolutions: `fast` (CPU: NHWC, packed weights, Winograd 3×3), `candle` (candle's
-    /// conv2d, any device), or `auto` (fast on CPU, candle on CUDA).
+    /// Convolutions: `fast` (CPU: NHWC, packed weights; each 3×3 conv runs Winograd or direct,
+    /// whichever is faster for its size), `winograd` or `direct` (the fast path with one 3×3
+    /// algorithm everywhere, for tests and comparisons), `candle` (candle's conv2d, any
+    /// device), or `auto` (fast on CPU, candle on CUDA).
     #[arg(
         long,
         env = "DIRACNET_CONV_IMPL",

@@ -14,8 +14,13 @@ pub enum ConvImpl {
     /// `fast` on the CPU, `candle` on CUDA.
     #[default]
     Auto,
-    /// The fast CPU path ([`cpu`]): NHWC, packed weights, Winograd 3×3, fused bias+ReLU.
+    /// The fast CPU path ([`cpu`]): NHWC, packed weights, fused bias+ReLU; each 3×3 conv
+    /// call runs Winograd or the direct conv, whichever is faster for its size.
     Fast,
+    /// The fast path with every 3×3 conv as Winograd F(4×4, 3×3) (for tests and benchmarks).
+    Winograd,
+    /// The fast path with every 3×3 conv direct: im2col + GEMM (for tests and benchmarks).
+    Direct,
     /// candle's own `conv2d` (NCHW), on any device.
     Candle,
 }
@@ -42,6 +47,24 @@ fn write_value_name(value: &impl ValueEnum, f: &mut fmt::Formatter<'_>) -> fmt::
     match value.to_possible_value() {
         Some(v) => f.write_str(v.get_name()),
         None => Ok(()),
+    }
+}
+
+impl ConvImpl {
+    /// True for the fast CPU path, whatever its 3×3 algorithm.
+    pub fn is_fast(self) -> bool {
+        matches!(self, Self::Fast | Self::Winograd | Self::Direct)
+    }
+
+    /// The 3×3 algorithm of the fast path for a layer whose input maps are `side × side`;
+    /// `None` off the fast path.
+    pub fn algo(self, side: usize) -> Option<cpu::Algo> {
+        match self {
+            Self::Fast => Some(cpu::Algo::BySize { side }),
+            Self::Winograd => Some(cpu::Algo::Winograd),
+            Self::Direct => Some(cpu::Algo::Direct),
+            Self::Auto | Self::Candle => None,
+        }
     }
 }
 
@@ -85,14 +108,14 @@ impl Backend {
         let conv = match conv {
             ConvImpl::Auto if device.is_cpu() && dtype == DType::F32 => ConvImpl::Fast,
             ConvImpl::Auto => ConvImpl::Candle,
-            ConvImpl::Fast if !device.is_cpu() => {
-                return Err(ModelError::Backend(
-                    "--conv-impl fast runs on the CPU only; use candle (or auto) on a GPU".into(),
-                ));
-            }
-            ConvImpl::Fast if dtype != DType::F32 => {
+            fast if fast.is_fast() && !device.is_cpu() => {
                 return Err(ModelError::Backend(format!(
-                    "--conv-impl fast computes in f32; --dtype {precision} needs --conv-impl candle"
+                    "--conv-impl {fast} runs on the CPU only; use candle (or auto) on a GPU"
+                )));
+            }
+            fast if fast.is_fast() && dtype != DType::F32 => {
+                return Err(ModelError::Backend(format!(
+                    "--conv-impl {fast} computes in f32; --dtype {precision} needs --conv-impl candle"
                 )));
             }
             other => other,
@@ -136,13 +159,16 @@ impl Backend {
     /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`); `None` when
     /// the fast path is not in use (candle's convolutions, or a GPU).
     pub fn isa(&self) -> Option<&'static str> {
-        (self.conv == ConvImpl::Fast).then(|| cpu::isa().name())
+        self.conv.is_fast().then(|| cpu::isa().name())
     }
 
-    /// The convolution implementation in words, e.g. `fast (winograd f4x4, avx2+fma)`.
+    /// The convolution implementation in words, e.g. `fast (winograd f4x4 + direct, avx512)`.
     pub fn conv_description(&self) -> String {
+        let isa = cpu::isa().name();
         match self.conv {
-            ConvImpl::Fast => format!("fast (winograd f4x4, {})", cpu::isa().name()),
+            ConvImpl::Fast => format!("fast (winograd f4x4 + direct, {isa})"),
+            ConvImpl::Winograd => format!("fast (winograd f4x4, {isa})"),
+            ConvImpl::Direct => format!("fast (direct, {isa})"),
             other => other.to_string(),
         }
     }
@@ -167,7 +193,8 @@ mod tests {
     #[test]
     fn command_line_names_parse_and_print() {
         assert_eq!(ConvImpl::from_str("FAST", true), Ok(ConvImpl::Fast));
-        assert!(ConvImpl::from_str("winograd", true).is_err());
+        assert_eq!(ConvImpl::from_str("Direct", true), Ok(ConvImpl::Direct));
+        assert!(ConvImpl::from_str("im2col", true).is_err());
         assert_eq!(Precision::from_str("fp16", true), Ok(Precision::F16));
         assert_eq!(Precision::from_str("bfloat16", true), Ok(Precision::Bf16));
         assert!(Precision::from_str("f64", true).is_err());

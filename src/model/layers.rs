@@ -57,12 +57,11 @@ pub enum Stem {
 impl Stem {
     /// Loads `weight` and `bias` at `vb` for `width` output channels.
     pub fn load(vb: VarBuilder, width: usize, conv: ConvImpl) -> Result<Self> {
-        Ok(match conv {
-            ConvImpl::Fast => {
-                let (w, b) = host_conv(&vb, width, 3, 7)?;
-                Self::Fast(cpu::Im2colConv::new(&w, &b, width, 3, 7, 2, 3))
-            }
-            ConvImpl::Candle | ConvImpl::Auto => Self::Candle(candle_conv(vb, 3, width, 7, 2, 3)?),
+        Ok(if conv.is_fast() {
+            let (w, b) = host_conv(&vb, width, 3, 7)?;
+            Self::Fast(cpu::Im2colConv::new(&w, &b, width, 3, 7, 2, 3))
+        } else {
+            Self::Candle(candle_conv(vb, 3, width, 7, 2, 3)?)
         })
     }
 
@@ -96,21 +95,25 @@ impl Stem {
 pub enum Block {
     /// candle's conv, NCHW.
     Candle(Conv2d),
-    /// Winograd F(4×4, 3×3), NHWC, bias and ReLU fused.
-    Fast(cpu::WinogradConv),
+    /// Winograd F(4×4, 3×3) or direct, NHWC, bias and ReLU fused.
+    Fast(cpu::Conv3x3),
 }
 
 impl Block {
-    /// Loads `weight` and `bias` at `vb`: `c_in` → `width` channels.
-    pub fn load(vb: VarBuilder, c_in: usize, width: usize, conv: ConvImpl) -> Result<Self> {
-        Ok(match conv {
-            ConvImpl::Fast => {
+    /// Loads `weight` and `bias` at `vb`: `c_in` → `width` channels, on `side × side` maps.
+    pub fn load(
+        vb: VarBuilder,
+        c_in: usize,
+        width: usize,
+        side: usize,
+        conv: ConvImpl,
+    ) -> Result<Self> {
+        Ok(match conv.algo(side) {
+            Some(algo) => {
                 let (w, b) = host_conv(&vb, width, c_in, 3)?;
-                Self::Fast(cpu::WinogradConv::new(&w, &b, width, c_in))
+                Self::Fast(cpu::Conv3x3::new(&w, &b, width, c_in, algo))
             }
-            ConvImpl::Candle | ConvImpl::Auto => {
-                Self::Candle(candle_conv(vb, c_in, width, 3, 1, 1)?)
-            }
+            None => Self::Candle(candle_conv(vb, c_in, width, 3, 1, 1)?),
         })
     }
 
@@ -133,19 +136,27 @@ pub struct Group {
 }
 
 impl Group {
-    /// Loads `blocks` blocks at `vb` (`block0`, `block1`, ...): `c_in` → `width` channels.
+    /// Loads `blocks` blocks at `vb` (`block0`, `block1`, ...): `c_in` → `width` channels, on
+    /// `side × side` maps.
     pub fn load(
         vb: VarBuilder,
         c_in: usize,
         width: usize,
         blocks: usize,
+        side: usize,
         last: bool,
         conv: ConvImpl,
     ) -> Result<Self> {
         let blocks = (0..blocks)
             .map(|b| {
                 let c_in = if b == 0 { c_in } else { width };
-                Block::load(vb.pp(format!("block{b}")).pp("conv"), c_in, width, conv)
+                Block::load(
+                    vb.pp(format!("block{b}")).pp("conv"),
+                    c_in,
+                    width,
+                    side,
+                    conv,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -161,14 +172,14 @@ impl Group {
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        match (self.pool, self.conv) {
+        match (self.pool, self.conv.is_fast()) {
             (false, _) => Ok(x),
-            (true, ConvImpl::Fast) => x.apply_op1_no_bwd(&cpu::MaxPool {
+            (true, true) => x.apply_op1_no_bwd(&cpu::MaxPool {
                 kernel: 2,
                 stride: 2,
                 pad: 0,
             }),
-            (true, ConvImpl::Candle | ConvImpl::Auto) => x.max_pool2d(2),
+            (true, false) => x.max_pool2d(2),
         }
     }
 }
@@ -191,10 +202,11 @@ impl Head {
 
     /// `[N, classes]` logits, in the compute dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let pooled = match self.conv {
+        let pooled = if self.conv.is_fast() {
             // NHWC, already ReLU'd by the last conv.
-            ConvImpl::Fast => x.mean((1, 2))?,
-            ConvImpl::Candle | ConvImpl::Auto => x.relu()?.mean((2, 3))?,
+            x.mean((1, 2))?
+        } else {
+            x.relu()?.mean((2, 3))?
         };
         self.fc.forward(&pooled)
     }

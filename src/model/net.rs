@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     layers::{Group, Head, Stem},
-    Architecture, Backend, ConvImpl, ModelError,
+    Architecture, Backend, ModelError,
 };
 use crate::tensor::{INPUT_CHANNELS, INPUT_SIZE};
 
@@ -38,12 +38,23 @@ impl DiracNet {
         let features = vb.pp("features");
         let stem = Stem::load(features.pp("conv"), arch.stem_width, conv)?;
         let mut c_in = arch.stem_width;
+        // The stem's conv 7×7/2 and max-pool 3/2 each halve the input.
+        let mut side = INPUT_SIZE / 4;
         let last = arch.widths.len().saturating_sub(1);
         let mut groups = Vec::with_capacity(arch.widths.len());
         for (g, (&width, &blocks)) in arch.widths.iter().zip(&arch.blocks).enumerate() {
             let group = features.pp(format!("group{g}"));
-            groups.push(Group::load(group, c_in, width, blocks, g == last, conv)?);
+            groups.push(Group::load(
+                group,
+                c_in,
+                width,
+                blocks,
+                side,
+                g == last,
+                conv,
+            )?);
             c_in = width;
+            side /= 2;
         }
         let head = Head::load(vb.pp("fc"), c_in, arch.classes, conv)?;
         Ok(Self {
@@ -72,10 +83,11 @@ impl DiracNet {
                 dtype: format!("{:?}", t.dtype()),
             });
         }
-        let (dtype, device) = match backend.conv() {
-            // The fast ops pack f32 host weights; only `fc` runs as a candle op, on the CPU.
-            ConvImpl::Fast => (DType::F32, Device::Cpu),
-            ConvImpl::Candle | ConvImpl::Auto => (backend.dtype(), backend.device().clone()),
+        // The fast ops pack f32 host weights; only `fc` runs as a candle op, on the CPU.
+        let (dtype, device) = if backend.conv().is_fast() {
+            (DType::F32, Device::Cpu)
+        } else {
+            (backend.dtype(), backend.device().clone())
         };
         let map: HashMap<String, Tensor> = tensors
             .iter()
@@ -149,7 +161,7 @@ impl DiracNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Precision;
+    use crate::model::{ConvImpl, Precision};
 
     /// max |t| over all elements.
     fn max_abs(t: &Tensor) -> f32 {

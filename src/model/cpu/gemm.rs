@@ -15,6 +15,11 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Rows of `A` per AVX-512 micro-kernel call, over two panels: 16 ZMM accumulators.
 pub const MR512: usize = 8;
+/// Reduction steps per pass over `C`: a longer product is summed in slices of `KC`, so that
+/// the slice of `B` a micro-kernel streams (`KC × 2·NR`, 64 KiB) stays in L2 while every row
+/// tile reuses it, and the rows of `A` it reads stay in L1. Products of `k ≤ KC` (the Winograd
+/// channel mixes, the stem) make one pass, as before.
+pub const KC: usize = 512;
 
 /// A `k × n` matrix packed into `ceil(n / NR)` panels of `k × NR`, zero-padded on the right.
 #[derive(Debug, Clone)]
@@ -210,34 +215,42 @@ pub fn gemm(
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= panels.end * NR, "gemm: bias too short");
     }
-    let walk = Walk {
-        m,
-        a,
-        lda,
-        b,
-        panels,
-        n_valid,
-        bias: epi.bias,
-    };
-    // Every tile the walk hands over addresses `rows` rows of A (k values at stride `lda`),
-    // `panels` whole panels of B, and `rows` rows of `panels · NR` values at stride `ld` in C or
-    // the walk's scratch: the asserts above bound them.
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => walk.tiles(c, ldc, MR512, 2, |t| {
-            // SAFETY: the tile as above; AVX-512 was detected (an `Isa::Avx512` is made only
-            // where it runs).
-            unsafe { tile_avx512(t, k, lda, epi.relu) }
-        }),
-        _ => walk.tiles(c, ldc, MR, 1, |t| {
-            debug_assert_eq!(t.panels, 1);
-            // SAFETY: the tile as above; `micro` runs AVX2 only where it was detected.
-            unsafe {
-                micro(
-                    isa, t.rows, k, t.a, lda, t.b[0], t.dst, t.ld, t.bias, epi.relu,
-                )
-            }
-        }),
+    for k0 in (0..k).step_by(KC) {
+        let kn = KC.min(k - k0);
+        let last = k0 + kn == k;
+        let walk = Walk {
+            m,
+            a,
+            lda,
+            b,
+            panels: panels.clone(),
+            n_valid,
+            k0,
+            accumulate: k0 > 0,
+            bias: if last { epi.bias } else { None },
+        };
+        let relu = last && epi.relu;
+        // Every tile the walk hands over addresses `rows` rows of A (`kn` values from column
+        // `k0`, at stride `lda`), rows `k0..k0+kn` of `panels` whole panels of B, and `rows`
+        // rows of `panels · NR` values at stride `ld` in C or the walk's scratch: the asserts
+        // above bound them.
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => walk.tiles(c, ldc, MR512, 2, |t| {
+                // SAFETY: the tile as above; AVX-512 was detected (an `Isa::Avx512` is made
+                // only where it runs).
+                unsafe { tile_avx512(t, kn, lda, relu) }
+            }),
+            _ => walk.tiles(c, ldc, MR, 1, |t| {
+                debug_assert_eq!(t.panels, 1);
+                // SAFETY: the tile as above; `micro` runs AVX2 only where it was detected.
+                unsafe {
+                    micro(
+                        isa, t.rows, kn, t.a, lda, t.b[0], t.dst, t.ld, t.add, t.bias, relu,
+                    )
+                }
+            }),
+        }
     }
 }
 
@@ -249,11 +262,16 @@ struct Walk<'a> {
     b: &'a PackedB,
     panels: std::ops::Range<usize>,
     n_valid: usize,
+    /// First reduction step of this pass.
+    k0: usize,
+    /// Add to what C holds (a later pass), instead of overwriting it.
+    accumulate: bool,
     bias: Option<&'a [f32]>,
 }
 
 /// One micro-kernel call: `rows` rows of A from `a`, `panels` panels of B from `b[0]` (and
-/// `b[1]`), into `rows` rows of `panels · NR` values at `dst` (stride `ld`).
+/// `b[1]`), into `rows` rows of `panels · NR` values at `dst` (stride `ld`), added to what
+/// `dst` holds when `add`.
 struct Tile<'a> {
     rows: usize,
     panels: usize,
@@ -261,14 +279,15 @@ struct Tile<'a> {
     b: [*const f32; 2],
     dst: *mut f32,
     ld: usize,
+    add: bool,
     bias: Option<&'a [f32]>,
 }
 
 impl Walk<'_> {
     /// Calls `kernel` on tiles of up to `mr` rows × `np` (1 or 2) panels covering C, fewer
     /// panels at the end of the range. A tile with columns past `n_valid` is computed into
-    /// scratch and only its valid columns are copied to C. `kernel` must fill every row and
-    /// column of its tile.
+    /// scratch (holding C's valid columns first when accumulating) and only its valid columns
+    /// are copied to C. `kernel` must fill every row and column of its tile.
     fn tiles(&self, c: &mut [f32], ldc: usize, mr: usize, np: usize, mut kernel: impl FnMut(Tile)) {
         debug_assert!((1..=2).contains(&np) && mr <= MR512.max(MR));
         let col0 = self.panels.start * NR;
@@ -281,9 +300,9 @@ impl Walk<'_> {
             if cols == 0 {
                 break;
             }
-            let b0 = self.b.panel(j).as_ptr();
+            let b0 = self.b.panel(j)[self.k0 * NR..].as_ptr();
             let b1 = if panels == 2 {
-                self.b.panel(j + 1).as_ptr()
+                self.b.panel(j + 1)[self.k0 * NR..].as_ptr()
             } else {
                 b0
             };
@@ -297,16 +316,22 @@ impl Walk<'_> {
                     // by `gemm`: C covers every valid column of the panels in every row).
                     (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
                 } else {
+                    if self.accumulate {
+                        for r in 0..rows {
+                            tmp[r * width..][..cols].copy_from_slice(&c[c_off + r * ldc..][..cols]);
+                        }
+                    }
                     (tmp.as_mut_ptr(), width)
                 };
                 kernel(Tile {
                     rows,
                     panels,
-                    // SAFETY: row `i < m` of A exists (asserted by `gemm`).
-                    a: unsafe { self.a.as_ptr().add(i * self.lda) },
+                    // SAFETY: row `i < m` of A exists and has `k0..k` (asserted by `gemm`).
+                    a: unsafe { self.a.as_ptr().add(i * self.lda + self.k0) },
                     b: [b0, b1],
                     dst,
                     ld,
+                    add: self.accumulate,
                     bias,
                 });
                 if cols < width {
@@ -335,19 +360,20 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
         b: [b0, b1],
         dst,
         ld,
+        add,
         bias,
     } = t;
     macro_rules! rows {
         ($p:literal) => {
             match rows {
-                8 => micro_avx512::<8, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                7 => micro_avx512::<7, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                6 => micro_avx512::<6, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                5 => micro_avx512::<5, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                4 => micro_avx512::<4, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                3 => micro_avx512::<3, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                2 => micro_avx512::<2, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
-                _ => micro_avx512::<1, $p>(k, a, lda, b0, b1, dst, ld, bias, relu),
+                8 => micro_avx512::<8, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                7 => micro_avx512::<7, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                6 => micro_avx512::<6, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                5 => micro_avx512::<5, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                4 => micro_avx512::<4, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                3 => micro_avx512::<3, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                2 => micro_avx512::<2, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+                _ => micro_avx512::<1, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
             }
         };
     }
@@ -362,7 +388,7 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
 }
 
 /// AVX-512 micro-kernel: `R × (P·16)` accumulators in `R·P` ZMM registers, one broadcast of `A`
-/// and `P` loads of `B` (one per panel) per step.
+/// and `P` loads of `B` (one per panel) per step. Starts from what `c` holds when `add`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `a` addresses `R` rows of `k` values at stride `lda`; `b0` (and
@@ -379,6 +405,7 @@ unsafe fn micro_avx512<const R: usize, const P: usize>(
     b1: *const f32,
     c: *mut f32,
     ldc: usize,
+    add: bool,
     bias: Option<&[f32]>,
     relu: bool,
 ) {
@@ -387,6 +414,13 @@ unsafe fn micro_avx512<const R: usize, const P: usize>(
     // SAFETY: every offset stays inside the regions the caller vouched for.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); P]; R];
+        if add {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for (q, x) in acc_r.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(c.add(r * ldc + q * NR));
+                }
+            }
+        }
         for p in 0..k {
             let mut bv = [_mm512_setzero_ps(); P];
             for (q, v) in bv.iter_mut().enumerate() {
@@ -418,7 +452,7 @@ unsafe fn micro_avx512<const R: usize, const P: usize>(
     }
 }
 
-/// One `rows × NR` tile (`rows ≤ MR`).
+/// One `rows × NR` tile (`rows ≤ MR`), added to what `c` holds when `add`.
 ///
 /// # Safety
 /// `a` must address `rows` rows of `k` values at stride `lda`, `b` a `k × NR` panel, `c` `rows`
@@ -434,18 +468,19 @@ unsafe fn micro(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    add: bool,
     bias: Option<&[f32]>,
     relu: bool,
 ) {
     macro_rules! dispatch {
         ($f:ident) => {
             match rows {
-                6 => $f::<6>(k, a, lda, b, c, ldc, bias, relu),
-                5 => $f::<5>(k, a, lda, b, c, ldc, bias, relu),
-                4 => $f::<4>(k, a, lda, b, c, ldc, bias, relu),
-                3 => $f::<3>(k, a, lda, b, c, ldc, bias, relu),
-                2 => $f::<2>(k, a, lda, b, c, ldc, bias, relu),
-                _ => $f::<1>(k, a, lda, b, c, ldc, bias, relu),
+                6 => $f::<6>(k, a, lda, b, c, ldc, add, bias, relu),
+                5 => $f::<5>(k, a, lda, b, c, ldc, add, bias, relu),
+                4 => $f::<4>(k, a, lda, b, c, ldc, add, bias, relu),
+                3 => $f::<3>(k, a, lda, b, c, ldc, add, bias, relu),
+                2 => $f::<2>(k, a, lda, b, c, ldc, add, bias, relu),
+                _ => $f::<1>(k, a, lda, b, c, ldc, add, bias, relu),
             }
         };
     }
@@ -472,10 +507,17 @@ unsafe fn micro_portable<const R: usize>(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    add: bool,
     bias: Option<&[f32]>,
     relu: bool,
 ) {
     let mut acc = [[0f32; NR]; R];
+    if add {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: row r of C has NR values (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(c.add(r * ldc), acc_r.as_mut_ptr(), NR) };
+        }
+    }
     for p in 0..k {
         // SAFETY: p < k, so the panel row and each A element are in bounds (caller's contract).
         let brow: &[f32; NR] = unsafe { &*(b.add(p * NR) as *const [f32; NR]) };
@@ -518,6 +560,7 @@ unsafe fn micro_avx2<const R: usize>(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    add: bool,
     bias: Option<&[f32]>,
     relu: bool,
 ) {
@@ -526,6 +569,12 @@ unsafe fn micro_avx2<const R: usize>(
     unsafe {
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
+        if add {
+            for r in 0..R {
+                lo[r] = _mm256_loadu_ps(c.add(r * ldc));
+                hi[r] = _mm256_loadu_ps(c.add(r * ldc + 8));
+            }
+        }
         let mut rows = [a; R];
         for (r, row) in rows.iter_mut().enumerate() {
             *row = a.add(r * lda);
@@ -603,6 +652,9 @@ mod tests {
                 (9, 17, 48),
                 (16, 7, 33),
                 (17, 70, 80),
+                // Longer than KC: passes that add to the first; a partial last panel.
+                (10, 1100, 40),
+                (3, 2 * KC, 17),
             ] {
                 let a = values(m * k, 1);
                 let bm = values(k * n, 2);

@@ -3,12 +3,12 @@
 //! candle's own CPU conv re-lays out weights and activations on every call and runs a
 //! half-speed GEMM (DiracNet-18 runs about 5× slower on it: the README's "CPU speed" table).
 //! These ops instead keep activations in NHWC (channels innermost) from the stem to the head,
-//! pack the weights once at load, fuse bias and ReLU into each conv, and run the 3×3 convs as
-//! Winograd F(4×4, 3×3):
+//! pack the weights once at load, fuse bias and ReLU into each conv, and run each 3×3 conv as
+//! Winograd F(4×4, 3×3) or as a direct conv, whichever is faster for the call ([`Conv3x3`]):
 //!
 //! ```text
 //! [N,3,224,224] NCHW ─ Im2colConv 7×7/2 (+bias, ReLU) ─ MaxPool 3/2 ─▶ [N,56,56,64] NHWC
-//!   ─ WinogradConv 3×3 (+bias, ReLU) × blocks, MaxPool 2 between groups ─▶ [N,7,7,512] NHWC
+//!   ─ Conv3x3 (+bias, ReLU) × blocks, MaxPool 2 between groups ─▶ [N,7,7,512] NHWC
 //! ```
 //!
 //! Every conv's output goes through a ReLU before anything else reads it (the next block's
@@ -16,12 +16,14 @@
 //! itself. Work is spread over the rayon pool (`--threads`); each work item owns a disjoint part
 //! of the output.
 //!
-//! Files: `gemm.rs` (the packed GEMM and its micro-kernels: AVX2+FMA chosen at run time by
-//! [`Isa::detect`], and the portable twin every SIMD kernel is tested against), `winograd.rs`
-//! (the F(4×4, 3×3) transforms), this file (the ops: im2col stem, Winograd conv, max-pool). A
-//! new SIMD kernel goes next to its portable twin, behind an [`Isa`] check, with a test that
-//! compares the two on ragged shapes.
+//! Files: `gemm.rs` (the packed GEMM and its micro-kernels: AVX-512 or AVX2+FMA chosen at run
+//! time by [`Isa::detect`], and the portable twin every SIMD kernel is tested against),
+//! `winograd.rs` (the F(4×4, 3×3) transforms), `direct.rs` (the 3×3 conv as im2col + GEMM),
+//! this file (the ops: im2col stem, the 3×3 chooser, Winograd conv, max-pool). A new SIMD kernel
+//! goes next to its portable twin, behind an [`Isa`] check, with a test that compares the two on
+//! ragged shapes.
 
+mod direct;
 pub mod gemm;
 mod winograd;
 
@@ -30,6 +32,7 @@ use std::cell::RefCell;
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+pub use direct::DirectConv;
 pub use gemm::Isa;
 use gemm::{Epilogue, PackedB, NR};
 use winograd::{ALPHA, M, POINTS, V8};
@@ -71,6 +74,13 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 // SAFETY: as for `Send`: shared only among work items with disjoint parts of the output.
 unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The buffer's start (a method, so that closures capture the whole `Shared`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// The contiguous f32 data of a rank-4 input.
 fn input4<'a>(
@@ -242,6 +252,118 @@ impl Im2colConv {
     }
 }
 
+/// How a 3×3 layer of the fast path computes (`--conv-impl fast|winograd|direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    /// Winograd F(4×4, 3×3) ([`WinogradConv`]) for every call.
+    Winograd,
+    /// The direct conv ([`DirectConv`]) for every call.
+    Direct,
+    /// Each call takes the faster of the two for its size ([`Conv3x3::direct_wins`]); both
+    /// weight layouts are held for layers where the direct conv can win (`side` is the map
+    /// side the layer will see), Winograd alone elsewhere.
+    BySize {
+        /// Height and width of the layer's input map.
+        side: usize,
+    },
+}
+
+/// A 3×3, stride-1, pad-1 convolution of the fast path, NHWC, with bias and ReLU: Winograd,
+/// direct, or each call choosing by its size.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    winograd: Option<WinogradConv>,
+    direct: Option<DirectConv>,
+}
+
+/// When the direct conv takes a call: at most `DIRECT_MAX_INPUT` transformed-input values per
+/// Winograd point (tiles × `c_in`), and at least `DIRECT_MIN_PAIRS` channel pairs
+/// (`c_in · c_out`). With few tiles, Winograd streams 36 weights per channel pair (37.7 MB at
+/// 512 → 512) for little work, and its input transform, repeated by each work item that takes
+/// a share of the output channels, outweighs the product; the direct conv reads a quarter of
+/// the weights and copies its input instead. Measured on whole DiracNet-18 passes (AVX-512,
+/// 2 threads; bench/README.md): direct is faster for 14×14 maps of 256 channels at batch 1 and
+/// 7×7 maps of 512 at batches 1 and 2; Winograd for 7×7 × 512 at batch 4, 14×14 at batch 2,
+/// and 28×28 maps (64 → 128 and 128 channels) at batch 1.
+const DIRECT_MAX_INPUT: usize = 16 * 256;
+const DIRECT_MIN_PAIRS: usize = 128 * 256;
+
+impl Conv3x3 {
+    /// From PyTorch-layout weights `[c_out, c_in, 3, 3]` (flattened) and bias `[c_out]`.
+    pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize, algo: Algo) -> Self {
+        let (winograd, direct) = match algo {
+            Algo::Winograd => (true, false),
+            Algo::Direct => (false, true),
+            Algo::BySize { side } => (true, Self::direct_wins(1, side, side, c_in, c_out)),
+        };
+        Self {
+            winograd: winograd.then(|| WinogradConv::new(weight, bias, c_out, c_in)),
+            direct: direct.then(|| DirectConv::new(weight, bias, c_out, c_in)),
+        }
+    }
+
+    /// Uses `isa`'s kernels when this CPU runs them (for tests and comparisons).
+    pub fn with_isa(self, isa: Isa) -> Self {
+        Self {
+            winograd: self.winograd.map(|op| op.with_isa(isa)),
+            direct: self.direct.map(|op| op.with_isa(isa)),
+        }
+    }
+
+    /// True when the direct conv is the faster for `n` maps of `h × w`, `c_in → c_out`.
+    pub fn direct_wins(n: usize, h: usize, w: usize, c_in: usize, c_out: usize) -> bool {
+        n * h.div_ceil(M) * w.div_ceil(M) * c_in <= DIRECT_MAX_INPUT
+            && c_in * c_out >= DIRECT_MIN_PAIRS
+    }
+
+    /// The algorithms held: `winograd`, `direct`, or `winograd+direct`.
+    pub fn algorithms(&self) -> &'static str {
+        match (&self.winograd, &self.direct) {
+            (Some(_), Some(_)) => "winograd+direct",
+            (None, Some(_)) => "direct",
+            _ => "winograd",
+        }
+    }
+
+    /// Bytes of packed weights, of every layout held.
+    pub fn bytes(&self) -> usize {
+        self.winograd.as_ref().map_or(0, WinogradConv::bytes)
+            + self.direct.as_ref().map_or(0, DirectConv::bytes)
+    }
+}
+
+impl CustomOp1 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (&self.winograd, &self.direct) {
+            (Some(wino), Some(direct)) => {
+                let &[n, h, w, c] = layout.dims() else {
+                    bail!(
+                        "{}: needs a rank-4 input, got {:?}",
+                        self.name(),
+                        layout.dims()
+                    );
+                };
+                if Self::direct_wins(n, h, w, c, direct.c_out()) {
+                    direct.cpu_fwd(storage, layout)
+                } else {
+                    wino.cpu_fwd(storage, layout)
+                }
+            }
+            (Some(wino), None) => wino.cpu_fwd(storage, layout),
+            (None, Some(direct)) => direct.cpu_fwd(storage, layout),
+            (None, None) => bail!("{}: no weights", self.name()),
+        }
+    }
+}
+
 /// A 3×3, stride-1, pad-1 convolution, NHWC in and out, with bias and ReLU, as Winograd
 /// F(4×4, 3×3) (see `winograd.rs`).
 #[derive(Debug, Clone)]
@@ -301,7 +423,14 @@ impl WinogradConv {
     }
 }
 
-/// How a Winograd layer's work is cut: tiles per block, and output panels per work item.
+/// The most tiles per Winograd block: a block's transformed input for one point (block ×
+/// `c_in_pad`) should stay in L2 while the GEMM sweeps every weight panel over it; bigger
+/// blocks reuse each weight more often.
+fn winograd_block_cap(c_in_pad: usize) -> usize {
+    (48 * 1024 / c_in_pad).clamp(24, 144)
+}
+
+/// How a conv layer's work is cut: tiles per block, and output panels per work item.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     tiles: usize,
@@ -315,12 +444,10 @@ impl Plan {
     /// Cuts `tiles` tiles × `panels` output panels into work items: blocks of tiles (each
     /// streams the weights of its panels) × chunks of panels (each transforms its tiles' input).
     /// Picks the cut with the least traffic (every block reads the weights once; every chunk
-    /// transforms the input once) among those with enough items for every thread, and blocks
-    /// whose transformed input stays in L2.
-    fn new(tiles: usize, c_in_pad: usize, panels: usize, threads: usize) -> Self {
-        // A block's transformed input for one point (block × c_in) should stay in L2 while the
-        // GEMM sweeps every weight panel over it; bigger blocks reuse each weight more often.
-        let cap = (48 * 1024 / c_in_pad).clamp(24, 144);
+    /// prepares the input once) among those with enough items for every thread and blocks of
+    /// at most `cap` tiles (or rows).
+    fn new(tiles: usize, cap: usize, panels: usize, threads: usize) -> Self {
+        let cap = cap.max(1);
         let (t, panels) = (tiles.max(1), panels.max(1));
         let want = 2 * threads.max(1);
         let fewest = t.div_ceil(cap);
@@ -370,7 +497,7 @@ impl CustomOp1 for WinogradConv {
         let panels = self.u[0].panels();
         let plan = Plan::new(
             n * th * tw,
-            self.c_in_pad,
+            winograd_block_cap(self.c_in_pad),
             panels,
             rayon::current_num_threads(),
         );
@@ -703,6 +830,83 @@ mod tests {
     }
 
     #[test]
+    fn direct_conv_matches_candle_conv_on_ragged_shapes() {
+        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
+            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
+        }
+        // Maps of one pixel and one row, channels not a multiple of 8 or 16, odd panel counts,
+        // several images (work items across images), and 9·c_in = 603 > KC (two reduction
+        // passes, the second adding to the first).
+        for &(n, ci, co, h, w) in &[
+            (2, 3, 5, 7, 9),
+            (1, 16, 32, 1, 1),
+            (3, 20, 17, 1, 13),
+            (2, 24, 48, 9, 6),
+            (1, 67, 40, 5, 4),
+        ] {
+            let x =
+                Tensor::from_vec(values(n * ci * h * w, 8), (n, ci, h, w), &Device::Cpu).unwrap();
+            let wv = values(co * ci * 9, 9);
+            let bv = values(co, 10);
+            let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
+            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+                let op = DirectConv::new(&wv, &bv, co, ci).with_isa(isa);
+                let got = x
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .apply_op1_no_bwd(&op)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                let err = max_rel_err(&got, &want);
+                assert!(err < 1e-6, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn conv3x3_holds_and_picks_the_algorithm_its_size_calls_for() {
+        // DiracNet-18's layers: the direct conv is held only where some call can use it.
+        let held = |side, ci, co| {
+            let (w, b) = (vec![0.0; co * ci * 9], vec![0.0; co]);
+            Conv3x3::new(&w, &b, co, ci, Algo::BySize { side }).algorithms()
+        };
+        assert_eq!(held(56, 64, 64), "winograd");
+        assert_eq!(held(28, 128, 128), "winograd");
+        assert_eq!(held(14, 256, 256), "winograd+direct");
+        assert_eq!(held(7, 512, 512), "winograd+direct");
+        // Per call: direct at batch 1 on 14×14 × 256 and 7×7 × 512, and batch 2 on 7×7.
+        assert!(Conv3x3::direct_wins(1, 14, 14, 256, 256));
+        assert!(!Conv3x3::direct_wins(2, 14, 14, 256, 256));
+        assert!(Conv3x3::direct_wins(2, 7, 7, 512, 512));
+        assert!(!Conv3x3::direct_wins(4, 7, 7, 512, 512));
+        assert!(!Conv3x3::direct_wins(1, 28, 28, 64, 128));
+        // Either algorithm gives the conv: batch 1 runs direct, batch 4 Winograd, both right.
+        let (ci, co) = (512, 512);
+        let wv: Vec<f32> = values(co * ci * 9, 11).iter().map(|v| v * 0.05).collect();
+        let bv = values(co, 12);
+        let op = Conv3x3::new(&wv, &bv, co, ci, Algo::BySize { side: 7 });
+        for n in [1, 4] {
+            let x = Tensor::from_vec(values(n * ci * 49, 13), (n, ci, 7, 7), &Device::Cpu).unwrap();
+            let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
+            let got = x
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .apply_op1_no_bwd(&op)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            // Winograd over 512 channels in f32: a few 1e-6 per output, relative to the largest.
+            let err = max_rel_err(&got, &want);
+            assert!(err < 5e-5, "batch {n}: rel err {err}");
+        }
+    }
+
+    #[test]
     fn winograd_plans_cover_everything_and_keep_weight_traffic_low() {
         // (tiles, input channels, panels, threads) → every tile and panel in exactly one item.
         for &(tiles, c, panels, threads) in &[
@@ -714,21 +918,18 @@ mod tests {
             (0, 8, 2, 2),
             (37, 24, 3, 3),
         ] {
-            let p = Plan::new(tiles, c, panels, threads);
+            let p = Plan::new(tiles, winograd_block_cap(c), panels, threads);
             assert!(p.block * p.blocks >= tiles && p.block * (p.blocks.max(1) - 1) < tiles.max(1));
             assert!(p.panels_per_item * p.chunks >= panels);
             assert!(p.panels_per_item * (p.chunks - 1) < panels);
-            assert!(
-                p.block <= (48 * 1024 / c).clamp(24, 144),
-                "{tiles} {c}: {p:?}"
-            );
+            assert!(p.block <= winograd_block_cap(c), "{tiles} {c}: {p:?}");
         }
         // Batch 1 on 7×7 maps of 512 channels: one block (the 37.7 MB of weights read once),
         // the output channels split for the threads.
-        let p = Plan::new(4, 512, 32, 2);
+        let p = Plan::new(4, winograd_block_cap(512), 32, 2);
         assert_eq!((p.blocks, p.chunks), (1, 4), "{p:?}");
         // Large maps: tiles split, each input transformed once.
-        let p = Plan::new(6272, 64, 4, 2);
+        let p = Plan::new(6272, winograd_block_cap(64), 4, 2);
         assert_eq!(p.chunks, 1, "{p:?}");
     }
 
