@@ -50,7 +50,7 @@ fn candle_conv(
 pub enum Stem {
     /// NCHW in, NCHW out.
     Candle(Conv2d),
-    /// NCHW in (the network input), NHWC out.
+    /// NCHW in (the network input), NHWC out; the pool fused into the conv.
     Fast(cpu::Im2colConv),
 }
 
@@ -59,7 +59,13 @@ impl Stem {
     pub fn load(vb: VarBuilder, width: usize, conv: ConvImpl) -> Result<Self> {
         Ok(if conv.is_fast() {
             let (w, b) = host_conv(&vb, width, 3, 7)?;
-            Self::Fast(cpu::Im2colConv::new(&w, &b, width, 3, 7, 2, 3))
+            Self::Fast(
+                cpu::Im2colConv::new(&w, &b, width, 3, 7, 2, 3).with_pool(cpu::MaxPool {
+                    kernel: 3,
+                    stride: 2,
+                    pad: 1,
+                }),
+            )
         } else {
             Self::Candle(candle_conv(vb, 3, width, 7, 2, 3)?)
         })
@@ -76,15 +82,7 @@ impl Stem {
                 .pad_with_zeros(2, 1, 1)?
                 .pad_with_zeros(3, 1, 1)?
                 .max_pool2d_with_stride(3, 2),
-            Self::Fast(conv) => {
-                x.contiguous()?
-                    .apply_op1_no_bwd(conv)?
-                    .apply_op1_no_bwd(&cpu::MaxPool {
-                        kernel: 3,
-                        stride: 2,
-                        pad: 1,
-                    })
-            }
+            Self::Fast(conv) => x.contiguous()?.apply_op1_no_bwd(conv),
         }
     }
 }
