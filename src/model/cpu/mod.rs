@@ -508,6 +508,15 @@ fn winograd_block_cap(c_in_pad: usize) -> usize {
     (48 * 1024 / c_in_pad).clamp(24, 144)
 }
 
+/// Floats from one Winograd point's plane (`len` floats) to the next: `len` rounded up to
+/// whole 4 KiB pages, plus one cache line. A tile's 36 transformed values go to 36 planes; at a
+/// plain stride that is a multiple of 4 KiB (144 tiles × 64 channels: 36 KiB) every one of them
+/// maps to the same L1 set, and the 12 ways of a set thrash. Skewed by a line per plane, they
+/// spread over 36 sets.
+fn point_stride(len: usize) -> usize {
+    len.div_ceil(1024) * 1024 + 16
+}
+
 /// How a conv layer's work is cut: tiles per block, and output panels per work item.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -592,7 +601,8 @@ impl CustomOp1 for WinogradConv {
                 let tn = plan.block.min(plan.tiles - t0);
                 let p0 = chunk * plan.panels_per_item;
                 let p1 = (p0 + plan.panels_per_item).min(panels);
-                let len = POINTS * tn * (self.c_in_pad + (p1 - p0) * NR);
+                let len =
+                    POINTS * (point_stride(tn * self.c_in_pad) + point_stride(tn * (p1 - p0) * NR));
                 with_scratch(len, |scratch| match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 and FMA were detected (AVX-512 CPUs have them too).
@@ -660,9 +670,12 @@ impl WinogradConv {
         let col0 = panels.start * NR;
         let cols = (panels.end * NR).min(self.c_out) - col0;
         let cw = (panels.end - panels.start) * NR;
-        let v_len = POINTS * tn * cp;
+        // Each point's plane starts one cache line further along the cache sets (see
+        // `point_stride`), so the 36 planes a tile is scattered to do not all map to one set.
+        let (vs, ms) = (point_stride(tn * cp), point_stride(tn * cw));
+        let v_len = POINTS * vs;
         {
-            let (v, m) = scratch[..v_len + POINTS * tn * cw].split_at_mut(v_len);
+            let (v, m) = scratch[..v_len + POINTS * ms].split_at_mut(v_len);
             // 1. Input transform: V[p][tile][channel].
             let mut d = [[V8::default(); ALPHA]; ALPHA];
             let mut t = [[V8::default(); ALPHA]; ALPHA];
@@ -695,7 +708,7 @@ impl WinogradConv {
                     }
                     winograd::input_2d(&d, &mut t);
                     for (p, val) in t.iter().flatten().enumerate() {
-                        val.store(&mut v[(p * tn + ti) * cp + cc..][..8]);
+                        val.store(&mut v[p * vs + ti * cp + cc..][..8]);
                     }
                 }
             }
@@ -704,11 +717,11 @@ impl WinogradConv {
                 gemm::gemm(
                     isa,
                     tn,
-                    &v[p * tn * cp..][..tn * cp],
+                    &v[p * vs..][..tn * cp],
                     cp,
                     &self.u[p],
                     panels.clone(),
-                    &mut m[p * tn * cw..][..tn * cw],
+                    &mut m[p * ms..][..tn * cw],
                     cw,
                     usize::MAX,
                     Epilogue::NONE,
@@ -723,7 +736,7 @@ impl WinogradConv {
                     let lanes = 8.min(cols - co);
                     for (i, row) in prods.iter_mut().enumerate() {
                         for (j, v) in row.iter_mut().enumerate() {
-                            *v = V8::load(&m[((i * ALPHA + j) * tn + ti) * cw + co..][..8]);
+                            *v = V8::load(&m[(i * ALPHA + j) * ms + ti * cw + co..][..8]);
                         }
                     }
                     winograd::output_2d(&prods, &mut y);
