@@ -35,7 +35,9 @@ use rayon::prelude::*;
 pub use direct::DirectConv;
 pub use gemm::Isa;
 use gemm::{Epilogue, PackedB, NR};
-use winograd::{ALPHA, M, POINTS, V8};
+#[cfg(target_arch = "x86_64")]
+use winograd::{Avx512, V16};
+use winograd::{Lanes, ALPHA, M, POINTS, V8};
 
 /// The instruction set the fast path uses on this CPU.
 pub fn isa() -> Isa {
@@ -591,6 +593,10 @@ impl CustomOp1 for WinogradConv {
         let mut out = vec![0f32; n * h * w * self.c_out];
         let shared = Shared(out.as_mut_ptr());
         let isa = self.isa;
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = Avx512::detect();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512: Option<()> = None;
         let geometry = Geometry { h, w, th, tw };
         let out_len = out.len();
         (0..plan.blocks * plan.chunks)
@@ -603,13 +609,40 @@ impl CustomOp1 for WinogradConv {
                 let p1 = (p0 + plan.panels_per_item).min(panels);
                 let len =
                     POINTS * (point_stride(tn * self.c_in_pad) + point_stride(tn * (p1 - p0) * NR));
-                with_scratch(len, |scratch| match isa {
+                with_scratch(len, |scratch| match (isa, avx512) {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA were detected (AVX-512 CPUs have them too).
-                    Isa::Avx2Fma | Isa::Avx512 => unsafe {
-                        self.item_avx2(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
+                    // SAFETY: the proof shows AVX-512F, AVX2 and FMA.
+                    (Isa::Avx512, Some(proof)) => unsafe {
+                        self.item_avx512(
+                            proof,
+                            x,
+                            shared,
+                            out_len,
+                            geometry,
+                            t0,
+                            tn,
+                            p0..p1,
+                            scratch,
+                        )
                     },
-                    _ => self.item(isa, x, shared, out_len, geometry, t0, tn, p0..p1, scratch),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and FMA were detected (an `Isa` above portable is made only
+                    // where it runs).
+                    (Isa::Avx2Fma | Isa::Avx512, _) => unsafe {
+                        self.item_avx2(x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
+                    },
+                    _ => self.item::<V8>(
+                        (),
+                        isa,
+                        x,
+                        shared,
+                        out_len,
+                        geometry,
+                        t0,
+                        tn,
+                        p0..p1,
+                        scratch,
+                    ),
                 });
             });
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
@@ -626,16 +659,16 @@ struct Geometry {
 }
 
 impl WinogradConv {
-    /// [`Self::item`] compiled for AVX2+FMA, so the transforms vectorise 8 wide.
+    /// [`Self::item`] compiled for AVX-512, the transforms 16 channels wide.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
+    /// The CPU must support AVX-512F, AVX2 and FMA (which `proof` shows).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn item_avx2(
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn item_avx512(
         &self,
-        isa: Isa,
+        proof: Avx512,
         x: &[f32],
         out: Shared,
         out_len: usize,
@@ -645,17 +678,62 @@ impl WinogradConv {
         panels: std::ops::Range<usize>,
         scratch: &mut [f32],
     ) {
-        self.item(isa, x, out, out_len, g, t0, tn, panels, scratch)
+        self.item::<V16>(
+            proof,
+            Isa::Avx512,
+            x,
+            out,
+            out_len,
+            g,
+            t0,
+            tn,
+            panels,
+            scratch,
+        )
+    }
+
+    /// [`Self::item`] compiled for AVX2+FMA, the transforms 8 channels wide.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn item_avx2(
+        &self,
+        x: &[f32],
+        out: Shared,
+        out_len: usize,
+        g: Geometry,
+        t0: usize,
+        tn: usize,
+        panels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+    ) {
+        self.item::<V8>(
+            (),
+            Isa::Avx2Fma,
+            x,
+            out,
+            out_len,
+            g,
+            t0,
+            tn,
+            panels,
+            scratch,
+        )
     }
 
     /// One work item: tiles `t0..t0+tn`, output channels of `panels`, written through `out`
     /// (`out_len` floats): the items of one call own disjoint (tile, channel) parts of it.
-    /// `scratch` holds the transformed tiles and their products. No closures in here: they
-    /// would not inherit [`Self::item_avx2`]'s target features.
+    /// `scratch` holds the transformed tiles and their products. The transforms run `V::N`
+    /// channels at a time. No closures in here: they would not inherit the target features of
+    /// [`Self::item_avx512`] and [`Self::item_avx2`].
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn item(
+    fn item<V: Lanes>(
         &self,
+        proof: V::Proof,
         isa: Isa,
         x: &[f32],
         out: Shared,
@@ -677,20 +755,21 @@ impl WinogradConv {
         {
             let (v, m) = scratch[..v_len + POINTS * ms].split_at_mut(v_len);
             // 1. Input transform: V[p][tile][channel].
-            let mut d = [[V8::default(); ALPHA]; ALPHA];
-            let mut t = [[V8::default(); ALPHA]; ALPHA];
+            let lanes_n = V::N;
+            let mut d = [[V::zero(proof); ALPHA]; ALPHA];
+            let mut t = d;
             for ti in 0..tn {
                 let (img, ty, tx) = g.tile(t0 + ti);
                 let (y0, x0) = ((ty * M).wrapping_sub(1), (tx * M).wrapping_sub(1));
                 let inside =
                     ty > 0 && tx > 0 && ty * M + ALPHA - 1 <= g.h && tx * M + ALPHA - 1 <= g.w;
-                for cc in (0..cp).step_by(8) {
-                    let lanes = 8.min(c - cc);
-                    if inside && lanes == 8 {
+                for cc in (0..cp).step_by(lanes_n) {
+                    let lanes = lanes_n.min(c - cc);
+                    if inside && lanes == lanes_n {
                         for (dy, row) in d.iter_mut().enumerate() {
                             let base = ((img * g.h + y0 + dy) * g.w + x0) * c + cc;
                             for (dx, v) in row.iter_mut().enumerate() {
-                                *v = V8::load(&x[base + dx * c..][..8]);
+                                *v = V::load(proof, &x[base + dx * c..][..lanes_n]);
                             }
                         }
                     } else {
@@ -699,16 +778,19 @@ impl WinogradConv {
                             for (dx, v) in row.iter_mut().enumerate() {
                                 let ix = x0.wrapping_add(dx);
                                 *v = if iy < g.h && ix < g.w {
-                                    V8::load(&x[((img * g.h + iy) * g.w + ix) * c + cc..][..lanes])
+                                    let at = ((img * g.h + iy) * g.w + ix) * c + cc;
+                                    V::load(proof, &x[at..][..lanes])
                                 } else {
-                                    V8::default()
+                                    V::zero(proof)
                                 };
                             }
                         }
                     }
                     winograd::input_2d(&d, &mut t);
+                    // Up to the padded width (a multiple of 8, not always of `V::N`).
+                    let width = lanes_n.min(cp - cc);
                     for (p, val) in t.iter().flatten().enumerate() {
-                        val.store(&mut v[p * vs + ti * cp + cc..][..8]);
+                        val.store(&mut v[p * vs + ti * cp + cc..][..width]);
                     }
                 }
             }
@@ -728,19 +810,21 @@ impl WinogradConv {
                 );
             }
             // 3. Output transform, bias, ReLU, into the NHWC output.
-            let mut prods = [[V8::default(); ALPHA]; ALPHA];
-            let mut y = [[V8::default(); M]; M];
+            // `cw` and the padded bias are whole panels of 16 columns: full vectors load.
+            let mut prods = [[V::zero(proof); ALPHA]; ALPHA];
+            let mut y = [[V::zero(proof); M]; M];
             for ti in 0..tn {
                 let (img, ty, tx) = g.tile(t0 + ti);
-                for co in (0..cols).step_by(8) {
-                    let lanes = 8.min(cols - co);
+                for co in (0..cols).step_by(lanes_n) {
+                    let lanes = lanes_n.min(cols - co);
                     for (i, row) in prods.iter_mut().enumerate() {
                         for (j, v) in row.iter_mut().enumerate() {
-                            *v = V8::load(&m[(i * ALPHA + j) * ms + ti * cw + co..][..8]);
+                            let at = (i * ALPHA + j) * ms + ti * cw + co;
+                            *v = V::load(proof, &m[at..][..lanes_n]);
                         }
                     }
                     winograd::output_2d(&prods, &mut y);
-                    let bias = V8::load(&self.bias[col0 + co..][..8]);
+                    let bias = V::load(proof, &self.bias[col0 + co..][..lanes_n]);
                     for (dy, row) in y.iter().enumerate() {
                         let oy = ty * M + dy;
                         if oy >= g.h {
