@@ -296,8 +296,8 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
     let model = model.to_str().unwrap();
     for (conv, expect) in [
         ("fast", "fast (winograd f4x4 + direct, "),
-        ("winograd", "fast (winograd f4x4, "),
-        ("direct", "fast (direct, "),
+        ("winograd", "winograd (fast path, "),
+        ("direct", "direct (fast path, "),
         ("candle", "candle"),
     ] {
         let out = ok(&diracnet(

@@ -167,8 +167,8 @@ impl Backend {
         let isa = cpu::isa().name();
         match self.conv {
             ConvImpl::Fast => format!("fast (winograd f4x4 + direct, {isa})"),
-            ConvImpl::Winograd => format!("fast (winograd f4x4, {isa})"),
-            ConvImpl::Direct => format!("fast (direct, {isa})"),
+            ConvImpl::Winograd => format!("winograd (fast path, f4x4 only, {isa})"),
+            ConvImpl::Direct => format!("direct (fast path, im2col + gemm only, {isa})"),
             other => other.to_string(),
         }
     }
