@@ -281,6 +281,9 @@ struct Tile<'a> {
     ld: usize,
     add: bool,
     bias: Option<&'a [f32]>,
+    /// The B panels the walk reads next (as `b`), for the kernel to prefetch as it goes; set on
+    /// the first row tile of each column of tiles only (the others find B in cache).
+    next: Option<[*const f32; 2]>,
 }
 
 impl Walk<'_> {
@@ -307,6 +310,25 @@ impl Walk<'_> {
                 b0
             };
             let bias = self.bias.map(|bias| &bias[j * NR..j * NR + width]);
+            // What comes after this column of tiles: the next panels of this pass, else the
+            // first panels of the next pass. Its weights stream from memory while this column's
+            // first tile computes, instead of after it.
+            let next = if j + panels < self.panels.end {
+                Some((j + panels, self.k0))
+            } else if self.k0 + KC < self.b.k {
+                Some((self.panels.start, self.k0 + KC))
+            } else {
+                None
+            }
+            .map(|(jn, k0)| {
+                let first = self.b.panel(jn)[k0 * NR..].as_ptr();
+                let second = if jn + 1 < self.panels.end && np == 2 {
+                    self.b.panel(jn + 1)[k0 * NR..].as_ptr()
+                } else {
+                    first
+                };
+                [first, second]
+            });
             let mut i = 0;
             while i < self.m {
                 let rows = mr.min(self.m - i);
@@ -333,6 +355,7 @@ impl Walk<'_> {
                     ld,
                     add: self.accumulate,
                     bias,
+                    next: if i == 0 { next } else { None },
                 });
                 if cols < width {
                     for r in 0..rows {
@@ -362,18 +385,139 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
         ld,
         add,
         bias,
+        next,
     } = t;
     macro_rules! rows {
         ($p:literal) => {
-            match rows {
-                8 => micro_avx512::<8, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                7 => micro_avx512::<7, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                6 => micro_avx512::<6, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                5 => micro_avx512::<5, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                4 => micro_avx512::<4, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                3 => micro_avx512::<3, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                2 => micro_avx512::<2, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
-                _ => micro_avx512::<1, $p>(k, a, lda, b0, b1, dst, ld, add, bias, relu),
+            match (rows, next) {
+                (8, None) => micro_avx512::<8, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (8, Some(pf)) => {
+                    micro_avx512::<8, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (7, None) => micro_avx512::<7, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (7, Some(pf)) => {
+                    micro_avx512::<7, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (6, None) => micro_avx512::<6, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (6, Some(pf)) => {
+                    micro_avx512::<6, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (5, None) => micro_avx512::<5, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (5, Some(pf)) => {
+                    micro_avx512::<5, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (4, None) => micro_avx512::<4, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (4, Some(pf)) => {
+                    micro_avx512::<4, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (3, None) => micro_avx512::<3, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (3, Some(pf)) => {
+                    micro_avx512::<3, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (2, None) => micro_avx512::<2, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (2, Some(pf)) => {
+                    micro_avx512::<2, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                (_, None) => micro_avx512::<1, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+                (_, Some(pf)) => {
+                    micro_avx512::<1, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
             }
         };
     }
@@ -388,7 +532,9 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
 }
 
 /// AVX-512 micro-kernel: `R × (P·16)` accumulators in `R·P` ZMM registers, one broadcast of `A`
-/// and `P` loads of `B` (one per panel) per step. Starts from what `c` holds when `add`.
+/// and `P` loads of `B` (one per panel) per step. Starts from what `c` holds when `add`. With
+/// `PF`, each step also prefetches into L2 the same rows of the panels at `pf` (only addresses
+/// are formed from them: a prefetch never faults, and nothing is read through them).
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `a` addresses `R` rows of `k` values at stride `lda`; `b0` (and
@@ -397,7 +543,7 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn micro_avx512<const R: usize, const P: usize>(
+unsafe fn micro_avx512<const R: usize, const P: usize, const PF: bool>(
     k: usize,
     a: *const f32,
     lda: usize,
@@ -408,6 +554,7 @@ unsafe fn micro_avx512<const R: usize, const P: usize>(
     add: bool,
     bias: Option<&[f32]>,
     relu: bool,
+    pf: [*const f32; 2],
 ) {
     use std::arch::x86_64::*;
     let panels = [b0, b1];
@@ -422,6 +569,11 @@ unsafe fn micro_avx512<const R: usize, const P: usize>(
             }
         }
         for p in 0..k {
+            if PF {
+                for &next in &pf[..P] {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(p * NR).cast());
+                }
+            }
             let mut bv = [_mm512_setzero_ps(); P];
             for (q, v) in bv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(panels[q].add(p * NR));
