@@ -164,9 +164,11 @@ impl Group {
         })
     }
 
-    /// Halves the spatial size unless this is the last group.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
+    /// Halves the spatial size unless this is the last group. Takes the input by value so
+    /// that it is freed as soon as the first block has read it: the caller's copy would keep
+    /// a third activation alive (25.7 MB at batch 32).
+    pub fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let mut x = x;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{
+    file::TensorFile,
     layers::{Group, Head, Stem},
     Architecture, Backend, ModelError,
 };
@@ -83,12 +84,7 @@ impl DiracNet {
                 dtype: format!("{:?}", t.dtype()),
             });
         }
-        // The fast ops pack f32 host weights; only `fc` runs as a candle op, on the CPU.
-        let (dtype, device) = if backend.conv().is_fast() {
-            (DType::F32, Device::Cpu)
-        } else {
-            (backend.dtype(), backend.device().clone())
-        };
+        let (dtype, device) = Self::load_as(backend);
         let map: HashMap<String, Tensor> = tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.clone()))
@@ -100,30 +96,30 @@ impl DiracNet {
         )
     }
 
-    /// Loads a folded safetensors file (memory-mapped) onto `backend`.
+    /// Loads a folded safetensors file onto `backend`, one tensor at a time: each is read
+    /// when its layer is built and dropped once packed ([`TensorFile`]).
     pub fn from_safetensors(path: &Path, backend: &Backend) -> Result<Self, ModelError> {
-        // SAFETY: the mapping is read-only and dropped before returning (every tensor is copied
-        // out). Our cache files are written to a temporary name and renamed into place, never
-        // modified in place; a user file changed while we copy it could give wrong values, as with
-        // any reader, but not unsoundness in our code.
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) };
-        let tensors = mapped
-            .and_then(|st| {
-                st.tensors()
-                    .into_iter()
-                    .map(|(name, view)| {
-                        Ok((
-                            name,
-                            candle_core::safetensors::Load::load(&view, &Device::Cpu)?,
-                        ))
-                    })
-                    .collect::<candle_core::Result<BTreeMap<String, Tensor>>>()
-            })
-            .map_err(|e| ModelError::File {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        Self::from_tensors(&tensors, backend)
+        let file = TensorFile::open(path)?;
+        let arch = Architecture::from_shapes(&file.shapes())?;
+        if let Some((key, dtype)) = file.non_float() {
+            return Err(ModelError::DType { key, dtype });
+        }
+        let (dtype, device) = Self::load_as(backend);
+        Self::load(
+            VarBuilder::from_backend(Box::new(file), dtype, device),
+            &arch,
+            backend,
+        )
+    }
+
+    /// The dtype and device the layers take their weights in: f32 on the CPU for the fast
+    /// path (its convs pack host copies, its `fc` runs on the CPU), else the backend's.
+    fn load_as(backend: &Backend) -> (DType, Device) {
+        if backend.conv().is_fast() {
+            (DType::F32, Device::Cpu)
+        } else {
+            (backend.dtype(), backend.device().clone())
+        }
     }
 
     /// The architecture read from the weights.
@@ -152,7 +148,7 @@ impl DiracNet {
                 .to_dtype(self.backend.dtype())?,
         )?;
         for group in &self.groups {
-            x = group.forward(&x)?;
+            x = group.forward(x)?;
         }
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
