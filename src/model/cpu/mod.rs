@@ -286,7 +286,7 @@ impl Im2colConv {
                     for (py, d) in (py0..py1).zip(dst.chunks_exact_mut(pw * co)) {
                         // Window rows relative to `lo`: those before it lie outside the map.
                         let top = (py * pool.stride).wrapping_sub(pool.pad).wrapping_sub(lo);
-                        pool.row(rows, hi - lo, ow, co, top, d);
+                        pool.row(self.isa, rows, hi - lo, ow, co, top, d);
                     }
                 });
             });
@@ -883,7 +883,38 @@ impl MaxPool {
 
     /// One output row into `dst` (`[ow, c]`) from `x` (`[h, w, c]`): the window's rows are
     /// `top..top + kernel` (wrapping: rows at or past `h` lie outside and are skipped).
-    fn row(&self, x: &[f32], h: usize, w: usize, c: usize, top: usize, dst: &mut [f32]) {
+    /// Compiled for `isa` (the same code: the compiler vectorises the channel loop as wide as
+    /// the kernel set allows).
+    #[allow(clippy::too_many_arguments)]
+    fn row(&self, isa: Isa, x: &[f32], h: usize, w: usize, c: usize, top: usize, dst: &mut [f32]) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an `Isa::Avx512` is made only where AVX-512F runs.
+            Isa::Avx512 => unsafe { self.row_avx512(x, h, w, c, top, dst) },
+            _ => self.row_portable(x, h, w, c, top, dst),
+        }
+    }
+
+    /// [`Self::row_portable`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn row_avx512(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        c: usize,
+        top: usize,
+        dst: &mut [f32],
+    ) {
+        self.row_portable(x, h, w, c, top, dst)
+    }
+
+    #[inline(always)]
+    fn row_portable(&self, x: &[f32], h: usize, w: usize, c: usize, top: usize, dst: &mut [f32]) {
         let (k, s, p) = (self.kernel, self.stride, self.pad);
         for (ox, d) in dst.chunks_exact_mut(c).enumerate() {
             d.fill(f32::NEG_INFINITY);
@@ -922,13 +953,14 @@ impl CustomOp1 for MaxPool {
         let Some([oh, ow]) = self.out_size(h, w) else {
             bail!("{}: bad window for input {:?}", self.name(), [n, h, w, c]);
         };
+        let isa = isa();
         let mut out = vec![0f32; n * oh * ow * c];
         out.par_chunks_mut(ow * c)
             .enumerate()
             .for_each(|(row, dst)| {
                 let (img, oy) = (row / oh, row % oh);
                 let top = (oy * self.stride).wrapping_sub(self.pad);
-                self.row(&x[img * h * w * c..][..h * w * c], h, w, c, top, dst);
+                self.row(isa, &x[img * h * w * c..][..h * w * c], h, w, c, top, dst);
             });
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
     }
@@ -1190,6 +1222,42 @@ mod tests {
                     // The same products in the same order: equal to the bit.
                     assert!(got == want, "{isa:?} {n}x{ci}->{co} {h}x{w} {pool:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_rows_agree_on_every_kernel_set_with_nans_and_ragged_channels() {
+        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
+            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
+        }
+        let pool = MaxPool {
+            kernel: 3,
+            stride: 2,
+            pad: 1,
+        };
+        for (h, w, c) in [(5, 7, 3), (9, 4, 37), (6, 6, 64)] {
+            let mut x = values(h * w * c, 17);
+            for v in x.iter_mut().step_by(11) {
+                *v = f32::NAN;
+            }
+            let [oh, ow] = pool.out_size(h, w).unwrap();
+            let run = |isa| {
+                let mut out = vec![0f32; oh * ow * c];
+                for (oy, dst) in out.chunks_exact_mut(ow * c).enumerate() {
+                    pool.row(isa, &x, h, w, c, (oy * 2).wrapping_sub(1), dst);
+                }
+                out
+            };
+            let want = run(Isa::Portable);
+            assert!(want.iter().any(|v| v.is_nan()) && want.iter().any(|v| !v.is_nan()));
+            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+                let got = run(isa);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+                assert!(same, "{isa:?} {h}x{w}x{c}");
             }
         }
     }
