@@ -162,11 +162,16 @@ impl Backend {
         self.conv.is_fast().then(|| cpu::isa().name())
     }
 
-    /// The convolution implementation in words, e.g. `fast (winograd f4x4 + direct, avx512)`.
+    /// The convolution implementation in words, e.g. `fast (winograd f4x4 + direct, avx512)`
+    /// or `fast (winograd f4x4, avx2+fma)`.
     pub fn conv_description(&self) -> String {
         let isa = cpu::isa().name();
         match self.conv {
-            ConvImpl::Fast => format!("fast (winograd f4x4 + direct, {isa})"),
+            // The direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
+            ConvImpl::Fast if cpu::isa() == cpu::Isa::Avx512 => {
+                format!("fast (winograd f4x4 + direct, {isa})")
+            }
+            ConvImpl::Fast => format!("fast (winograd f4x4, {isa})"),
             ConvImpl::Winograd => format!("winograd (fast path, f4x4 only, {isa})"),
             ConvImpl::Direct => format!("direct (fast path, im2col + gemm only, {isa})"),
             other => other.to_string(),

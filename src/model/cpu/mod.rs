@@ -339,9 +339,9 @@ pub enum Algo {
     Winograd,
     /// The direct conv ([`DirectConv`]) for every call.
     Direct,
-    /// Each call takes the faster of the two for its size ([`Conv3x3::direct_wins`]); both
-    /// weight layouts are held for layers where the direct conv can win (`side` is the map
-    /// side the layer will see), Winograd alone elsewhere.
+    /// Each call takes the faster of the two for its size and the kernel set
+    /// ([`Conv3x3::direct_wins`]); both weight layouts are held for layers where the direct
+    /// conv can win (`side` is the map side the layer will see), Winograd alone elsewhere.
     BySize {
         /// Height and width of the layer's input map.
         side: usize,
@@ -354,6 +354,7 @@ pub enum Algo {
 pub struct Conv3x3 {
     winograd: Option<WinogradConv>,
     direct: Option<DirectConv>,
+    isa: Isa,
 }
 
 /// When the direct conv takes a call: at most `DIRECT_MAX_INPUT` transformed-input values per
@@ -364,7 +365,9 @@ pub struct Conv3x3 {
 /// the weights and copies its input instead. Measured on whole DiracNet-18 passes (AVX-512,
 /// 2 threads; bench/README.md): direct is faster for 14×14 maps of 256 channels at batch 1 and
 /// 7×7 maps of 512 at batches 1 and 2; Winograd for 7×7 × 512 at batch 4, 14×14 at batch 2,
-/// and 28×28 maps (64 → 128 and 128 channels) at batch 1.
+/// and 28×28 maps (64 → 128 and 128 channels) at batch 1. Only the AVX-512 GEMM runs fast
+/// enough for the direct conv's multiplies: with the AVX2 kernels, on the same CPU, DiracNet-18
+/// at batch 1 is faster with Winograd everywhere (78.8 against 73.7 img/s).
 const DIRECT_MAX_INPUT: usize = 16 * 256;
 const DIRECT_MIN_PAIRS: usize = 128 * 256;
 
@@ -374,11 +377,12 @@ impl Conv3x3 {
         let (winograd, direct) = match algo {
             Algo::Winograd => (true, false),
             Algo::Direct => (false, true),
-            Algo::BySize { side } => (true, Self::direct_wins(1, side, side, c_in, c_out)),
+            Algo::BySize { side } => (true, Self::direct_wins(isa(), 1, side, side, c_in, c_out)),
         };
         Self {
             winograd: winograd.then(|| WinogradConv::new(weight, bias, c_out, c_in)),
             direct: direct.then(|| DirectConv::new(weight, bias, c_out, c_in)),
+            isa: isa(),
         }
     }
 
@@ -387,12 +391,15 @@ impl Conv3x3 {
         Self {
             winograd: self.winograd.map(|op| op.with_isa(isa)),
             direct: self.direct.map(|op| op.with_isa(isa)),
+            isa: supported(isa),
         }
     }
 
-    /// True when the direct conv is the faster for `n` maps of `h × w`, `c_in → c_out`.
-    pub fn direct_wins(n: usize, h: usize, w: usize, c_in: usize, c_out: usize) -> bool {
-        n * h.div_ceil(M) * w.div_ceil(M) * c_in <= DIRECT_MAX_INPUT
+    /// True when, with `isa`'s kernels, the direct conv is the faster for `n` maps of `h × w`,
+    /// `c_in → c_out`.
+    pub fn direct_wins(isa: Isa, n: usize, h: usize, w: usize, c_in: usize, c_out: usize) -> bool {
+        isa == Isa::Avx512
+            && n * h.div_ceil(M) * w.div_ceil(M) * c_in <= DIRECT_MAX_INPUT
             && c_in * c_out >= DIRECT_MIN_PAIRS
     }
 
@@ -431,7 +438,7 @@ impl CustomOp1 for Conv3x3 {
                         layout.dims()
                     );
                 };
-                if Self::direct_wins(n, h, w, c, direct.c_out()) {
+                if Self::direct_wins(self.isa, n, h, w, c, direct.c_out()) {
                     direct.cpu_fwd(storage, layout)
                 } else {
                     wino.cpu_fwd(storage, layout)
@@ -1093,21 +1100,32 @@ mod tests {
 
     #[test]
     fn conv3x3_holds_and_picks_the_algorithm_its_size_calls_for() {
-        // DiracNet-18's layers: the direct conv is held only where some call can use it.
+        // DiracNet-18's layers: the direct conv is held only where some call can use it, and
+        // only with the AVX-512 kernels.
         let held = |side, ci, co| {
             let (w, b) = (vec![0.0; co * ci * 9], vec![0.0; co]);
             Conv3x3::new(&w, &b, co, ci, Algo::BySize { side }).algorithms()
         };
         assert_eq!(held(56, 64, 64), "winograd");
         assert_eq!(held(28, 128, 128), "winograd");
-        assert_eq!(held(14, 256, 256), "winograd+direct");
-        assert_eq!(held(7, 512, 512), "winograd+direct");
+        let big = if isa() == Isa::Avx512 {
+            "winograd+direct"
+        } else {
+            println!("SKIPPED: holding the direct conv (only with the AVX-512 kernels)");
+            "winograd"
+        };
+        assert_eq!(held(14, 256, 256), big);
+        assert_eq!(held(7, 512, 512), big);
         // Per call: direct at batch 1 on 14×14 × 256 and 7×7 × 512, and batch 2 on 7×7.
-        assert!(Conv3x3::direct_wins(1, 14, 14, 256, 256));
-        assert!(!Conv3x3::direct_wins(2, 14, 14, 256, 256));
-        assert!(Conv3x3::direct_wins(2, 7, 7, 512, 512));
-        assert!(!Conv3x3::direct_wins(4, 7, 7, 512, 512));
-        assert!(!Conv3x3::direct_wins(1, 28, 28, 64, 128));
+        let avx512 = Isa::Avx512;
+        assert!(Conv3x3::direct_wins(avx512, 1, 14, 14, 256, 256));
+        assert!(!Conv3x3::direct_wins(avx512, 2, 14, 14, 256, 256));
+        assert!(Conv3x3::direct_wins(avx512, 2, 7, 7, 512, 512));
+        assert!(!Conv3x3::direct_wins(avx512, 4, 7, 7, 512, 512));
+        assert!(!Conv3x3::direct_wins(avx512, 1, 28, 28, 64, 128));
+        // Never with the AVX2 or portable kernels.
+        assert!(!Conv3x3::direct_wins(Isa::Avx2Fma, 1, 7, 7, 512, 512));
+        assert!(!Conv3x3::direct_wins(Isa::Portable, 1, 7, 7, 512, 512));
         // Either algorithm gives the conv: batch 1 runs direct, batch 4 Winograd, both right.
         let (ci, co) = (512, 512);
         let wv: Vec<f32> = values(co * ci * 9, 11).iter().map(|v| v * 0.05).collect();
