@@ -199,12 +199,36 @@ pub fn gemm(
     n_valid: usize,
     epi: Epilogue<'_>,
 ) {
+    gemm_k(isa, m, a, lda, b, 0..b.k, panels, c, ldc, n_valid, epi);
+}
+
+/// [`gemm`] over the reduction steps `ks` only: `Σ_{p ∈ ks}`. Row `i` of `a` still starts at
+/// `a[i * lda]` and is read at columns `ks`. The direct conv uses it to skip the kernel rows
+/// that fall on padding for a map's top and bottom rows of pixels.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_k(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    ks: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    n_valid: usize,
+    epi: Epilogue<'_>,
+) {
     let k = b.k;
     if m == 0 || panels.is_empty() {
         return;
     }
     assert!(
-        lda >= k && a.len() >= (m - 1) * lda + k,
+        ks.start < ks.end && ks.end <= k,
+        "gemm: bad reduction range"
+    );
+    assert!(
+        lda >= ks.end && a.len() >= (m - 1) * lda + ks.end,
         "gemm: A too short"
     );
     assert!(panels.end <= b.panels(), "gemm: panel out of range");
@@ -215,9 +239,9 @@ pub fn gemm(
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= panels.end * NR, "gemm: bias too short");
     }
-    for k0 in (0..k).step_by(KC) {
-        let kn = KC.min(k - k0);
-        let last = k0 + kn == k;
+    for k0 in ks.clone().step_by(KC) {
+        let kn = KC.min(ks.end - k0);
+        let last = k0 + kn == ks.end;
         let walk = Walk {
             m,
             a,
@@ -226,7 +250,8 @@ pub fn gemm(
             panels: panels.clone(),
             n_valid,
             k0,
-            accumulate: k0 > 0,
+            k_end: ks.end,
+            accumulate: k0 > ks.start,
             bias: if last { epi.bias } else { None },
         };
         let relu = last && epi.relu;
@@ -264,6 +289,8 @@ struct Walk<'a> {
     n_valid: usize,
     /// First reduction step of this pass.
     k0: usize,
+    /// The end of the reduction (the next pass starts at `k0 + KC` if that is before it).
+    k_end: usize,
     /// Add to what C holds (a later pass), instead of overwriting it.
     accumulate: bool,
     bias: Option<&'a [f32]>,
@@ -315,7 +342,7 @@ impl Walk<'_> {
             // first tile computes, instead of after it.
             let next = if j + panels < self.panels.end {
                 Some((j + panels, self.k0))
-            } else if self.k0 + KC < self.b.k {
+            } else if self.k0 + KC < self.k_end {
                 Some((self.panels.start, self.k0 + KC))
             } else {
                 None
@@ -845,6 +872,34 @@ mod tests {
                             (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
                             "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {w}"
                         );
+                    }
+                }
+                // A reduction range sums only its steps (and starts afresh: C is not added to).
+                if k > 2 {
+                    let ks = 1..k - 1;
+                    let mut c3 = vec![f32::NAN; m * n];
+                    gemm_k(
+                        isa,
+                        m,
+                        &a,
+                        k,
+                        &packed,
+                        ks.clone(),
+                        0..packed.panels(),
+                        &mut c3,
+                        n,
+                        n,
+                        Epilogue::NONE,
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w: f32 = ks.clone().map(|p| a[i * k + p] * bm[p * n + j]).sum();
+                            let got = c3[i * n + j];
+                            assert!(
+                                (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{isa:?} {m}x{k}x{n} k-range ({i},{j}): {got} vs {w}"
+                            );
+                        }
                     }
                 }
                 // A panel range writes only its own columns.
