@@ -1,7 +1,7 @@
 //! The 3×3, stride-1, pad-1 convolution as one matrix product per block of output pixels
-//! ("direct", or implicit GEMM): each output pixel's row of `A` is its 3×3 receptive field
-//! (`ky`, `kx`, channel), copied from the NHWC input in three runs of `3·c_in` contiguous
-//! values; `B` is the raw kernel, packed once, `9·c_in × c_out`.
+//! ("direct": im2col + GEMM, no transform): each output pixel's row of `A` is its 3×3
+//! receptive field (`ky`, `kx`, channel), copied from the NHWC input in three runs of `3·c_in`
+//! contiguous values; `B` is the raw kernel, packed once, `9·c_in × c_out`.
 //!
 //! It does 2.25× the multiplies of Winograd F(4×4, 3×3) but reads a quarter of the weights
 //! (9 values per channel pair instead of 36): the faster choice where a layer's weights, not

@@ -362,7 +362,7 @@ impl Walk<'_> {
                 let c_off = i * ldc + j * NR - col0;
                 let (dst, ld) = if cols == width {
                     // SAFETY: rows `i..i+rows` of C hold `width` columns from `c_off` (asserted
-                    // by `gemm`: C covers every valid column of the panels in every row).
+                    // by `gemm_k`: C covers every valid column of the panels in every row).
                     (unsafe { c.as_mut_ptr().add(c_off) }, ldc)
                 } else {
                     if self.accumulate {
@@ -375,7 +375,8 @@ impl Walk<'_> {
                 kernel(Tile {
                     rows,
                     panels,
-                    // SAFETY: row `i < m` of A exists and has `k0..k` (asserted by `gemm`).
+                    // SAFETY: row `i < m` of A exists and has columns `k0..k_end` (asserted by
+                    // `gemm_k`).
                     a: unsafe { self.a.as_ptr().add(i * self.lda + self.k0) },
                     b: [b0, b1],
                     dst,
