@@ -3,8 +3,9 @@
 //! GEMM) conv — on the kernel set `--cpu-isa` allows. Median milliseconds of many runs, and
 //! the rate in GFLOP/s of direct-conv arithmetic (2·9·c_in·c_out per output pixel), so the two
 //! columns compare like for like. Before each run the caches are flushed (`--warm` keeps
-//! them), as the other layers of a forward pass flush a layer's weights. The data behind the per-layer choice in
-//! `src/model/cpu/mod.rs` ([`diracnet::model::cpu::Conv3x3::direct_wins`]).
+//! them), as the other layers of a forward pass flush a layer's weights. The per-layer
+//! picture behind the choice in `src/model/cpu/mod.rs`
+//! ([`diracnet::model::cpu::Conv3x3::direct_wins`]), which whole passes settled.
 //!
 //! ```sh
 //! cargo run --release --example conv                               # batches 1, 8, 32

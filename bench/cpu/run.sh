@@ -3,7 +3,7 @@
 #
 #   bench/cpu/run.sh [--binary PATH] [--with-torch | --torch-python PY] [--python PY]
 #                    [--seconds S] [--rounds R] [--depth 18|34|both] [--batches 1,8,32]
-#                    [--threads T] [--conv-impl fast[,candle]|default] [--warmup N]
+#                    [--threads T] [--conv-impl fast[,winograd,direct,candle]|default] [--warmup N]
 #                    [--no-ours] [--no-ort] [--skip-check] [--out DIR]
 #
 # - Makes the venv bench/cpu/.venv from PyPI (requirements.txt) the first time.

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! The transforms work on 8 or 16 channels at a time ([`V8`], `V16`: one AVX or AVX-512
-//! register), so they vectorise; the channel mixes run on the packed GEMM of [`super::gemm`]. Points are Lavin & Gray's (0, ±1, ±2, ∞); in f32
-//! the result differs from a direct conv by a few 1e-7 relative per layer.
+//! register), so they vectorise; the channel mixes run on the packed GEMM of [`super::gemm`].
+//! Points are Lavin & Gray's (0, ±1, ±2, ∞); in f32 the result differs from a direct conv by a
+//! few 1e-7 relative per layer.
 
 use std::ops::{Add, Mul, Neg, Sub};
 
