@@ -263,7 +263,10 @@ impl Im2colConv {
             .div_ceil(4 * rayon::current_num_threads())
             .clamp(1, 8);
         let mut out = vec![0f32; n * ph * pw * co];
-        out.par_chunks_mut((ph * pw * co).max(1))
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((n, ph, pw, co))));
+        }
+        out.par_chunks_mut(ph * pw * co)
             .enumerate()
             .flat_map(|(img, o)| {
                 o.par_chunks_mut(band * pw * co)
