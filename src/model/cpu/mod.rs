@@ -19,10 +19,12 @@
 //! Files: `gemm.rs` (the packed GEMM and its micro-kernels: AVX-512 or AVX2+FMA chosen at run
 //! time by [`Isa::detect`], and the portable twin every SIMD kernel is tested against),
 //! `winograd.rs` (the F(4×4, 3×3) transforms), `direct.rs` (the 3×3 conv as im2col + GEMM),
+//! `bf16.rs` (bf16 products with f32 sums, AVX512-BF16, for the coming `--dtype bf16`),
 //! this file (the ops: im2col stem, the 3×3 chooser, Winograd conv, max-pool). A new SIMD kernel
 //! goes next to its portable twin, behind an [`Isa`] check, with a test that compares the two on
 //! ragged shapes.
 
+pub mod bf16;
 mod direct;
 pub mod gemm;
 mod winograd;

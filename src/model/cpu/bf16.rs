@@ -1,0 +1,360 @@
+//! bf16 matrix products with f32 accumulation: the first part of the CPU bf16 path
+//! (`--dtype bf16`, which the CPU still refuses until the network runs on it).
+//!
+//! bf16 keeps f32's exponent and 8 bits of mantissa, so the product of two bf16 values is exact
+//! in f32 and only the sums round. AVX512-BF16's `vdpbf16ps` multiplies 16 pairs of bf16 pairs
+//! and adds both products to 16 f32 lanes: twice the multiplies of an f32 FMA per instruction.
+//! It wants each operand as (k, k+1) pairs in one 32-bit lane, so the weights are packed once
+//! into panels of [`NR`] columns whose rows are such pairs ("VNNI" layout, also what AMX's
+//! `tdpbf16ps` reads), and the activations are rows of bf16 with an even length.
+//!
+//! Here: round-to-nearest-even f32 → bf16, the pair packing, and the product with its AVX-512
+//! micro-kernel and the portable twin it is tested against.
+
+use super::gemm::{Epilogue, NR};
+
+/// f32 → bf16, rounding to nearest, ties to even (as `vcvtne2ps2bf16`); NaN stays NaN.
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x40; // quiet
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// bf16 → f32 (exact).
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Whether this CPU runs the AVX512-BF16 kernel.
+pub fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A `k × n` matrix in bf16, packed into `ceil(n / NR)` panels of `ceil(k / 2)` rows of `NR`
+/// (k, k+1) pairs (zero-padded on the right and, for an odd `k`, below).
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    k: usize,
+    n: usize,
+    /// Each value: bf16 of row `2q` in the low half, of row `2q + 1` in the high half.
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Packs the `k × n` matrix whose element `(row, col)` is `at(row, col)`, rounded to bf16.
+    pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let (pairs, panels) = (k.div_ceil(2), n.div_ceil(NR));
+        let mut data = vec![0u32; panels * pairs * NR];
+        for (j, panel) in data.chunks_exact_mut(pairs * NR).enumerate() {
+            for (q, row) in panel.chunks_exact_mut(NR).enumerate() {
+                for (c, d) in row.iter_mut().enumerate() {
+                    let col = j * NR + c;
+                    if col >= n {
+                        continue;
+                    }
+                    let lo = to_bf16(at(2 * q, col));
+                    let hi = if 2 * q + 1 < k {
+                        to_bf16(at(2 * q + 1, col))
+                    } else {
+                        0
+                    };
+                    *d = u32::from(lo) | u32::from(hi) << 16;
+                }
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// Rows (the reduction length).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Number of column panels.
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    fn panel(&self, j: usize) -> &[u32] {
+        let len = self.k.div_ceil(2) * NR;
+        &self.data[j * len..(j + 1) * len]
+    }
+}
+
+/// Rows of `A` per AVX-512 micro-kernel call (over two panels: 16 ZMM accumulators).
+const MR: usize = 8;
+
+/// `C[i, col] = Σ_p A[i, p] · B[p, col]` in f32 from bf16 `A` and `B` (then the epilogue), for
+/// rows `0..m` and all columns of `b`; columns at or beyond `n` are not written.
+///
+/// `a` holds row `i` at `a[i * lda..][..k]` as bf16 bits, `k` rounded up to even (the pad
+/// value is multiplied by zero weights, but must not be NaN or infinite: use 0); `c` holds row
+/// `i` at `c[i * ldc..][..n]`. `avx512` picks the AVX512-BF16 kernel, where
+/// [`avx512_bf16`] says the CPU has it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    avx512: bool,
+    m: usize,
+    a: &[u16],
+    lda: usize,
+    b: &PackedBf16,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    let (k2, n) = (b.k.div_ceil(2) * 2, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= k2 && a.len() >= (m - 1) * lda + k2,
+        "gemm_bf16: A too short"
+    );
+    assert!(
+        c.len() >= (m - 1) * ldc + n && ldc >= n,
+        "gemm_bf16: C too short"
+    );
+    if let Some(bias) = epi.bias {
+        assert!(bias.len() >= b.panels() * NR, "gemm_bf16: bias too short");
+    }
+    let avx512 = avx512 && avx512_bf16();
+    let mut tmp = [0f32; MR * 2 * NR];
+    let mut j = 0;
+    while j < b.panels() {
+        let panels = 2.min(b.panels() - j);
+        let width = panels * NR;
+        let cols = (n - j * NR).min(width);
+        let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);
+        let mut i = 0;
+        while i < m {
+            let rows = MR.min(m - i);
+            let a_rows = &a[i * lda..];
+            if avx512 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX512-BF16 was detected; `a_rows` holds `rows` rows of `k2` values at
+                // stride `lda` (asserted above), each panel `k2 / 2` rows of NR pairs, and `tmp`
+                // `rows` rows of `width` floats.
+                unsafe {
+                    micro_avx512(
+                        rows,
+                        k2 / 2,
+                        a_rows.as_ptr(),
+                        lda,
+                        [b.panel(j).as_ptr(), b.panel(j + panels - 1).as_ptr()],
+                        panels,
+                        tmp.as_mut_ptr(),
+                        width,
+                    )
+                };
+            } else {
+                micro_portable(rows, k2 / 2, a_rows, lda, b, j, panels, &mut tmp);
+            }
+            for r in 0..rows {
+                let row = &mut tmp[r * width..][..width];
+                if let Some(bias) = bias {
+                    for (x, &b) in row.iter_mut().zip(bias) {
+                        *x += b;
+                    }
+                }
+                if epi.relu {
+                    for x in row.iter_mut() {
+                        *x = x.max(0.0);
+                    }
+                }
+                c[(i + r) * ldc + j * NR..][..cols].copy_from_slice(&row[..cols]);
+            }
+            i += rows;
+        }
+        j += panels;
+    }
+}
+
+/// The portable twin of [`micro_avx512`]: for each pair, the odd product then the even one is
+/// added to the f32 sum, each addition rounded, as `vdpbf16ps` does.
+#[allow(clippy::too_many_arguments)]
+fn micro_portable(
+    rows: usize,
+    pairs: usize,
+    a: &[u16],
+    lda: usize,
+    b: &PackedBf16,
+    j: usize,
+    panels: usize,
+    out: &mut [f32],
+) {
+    let width = panels * NR;
+    for r in 0..rows {
+        for q in 0..panels {
+            let panel = b.panel(j + q);
+            for col in 0..NR {
+                let mut acc = 0f32;
+                for p in 0..pairs {
+                    let (a0, a1) = (
+                        from_bf16(a[r * lda + 2 * p]),
+                        from_bf16(a[r * lda + 2 * p + 1]),
+                    );
+                    let w = panel[p * NR + col];
+                    let (b0, b1) = (from_bf16(w as u16), from_bf16((w >> 16) as u16));
+                    acc += a1 * b1;
+                    acc += a0 * b0;
+                }
+                out[r * width + q * NR + col] = acc;
+            }
+        }
+    }
+}
+
+/// AVX512-BF16 micro-kernel: up to [`MR`] rows × one or two panels; per pair of reduction steps,
+/// one broadcast of an `A` pair per row and one `vdpbf16ps` per row and panel.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX512-BF16. `a` addresses `rows` rows of `2·pairs` bf16
+/// at stride `lda`; `b[q]` (`q < panels`) a panel of `pairs` rows of NR pairs; `out` `rows` rows
+/// of `panels · NR` floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro_avx512(
+    rows: usize,
+    pairs: usize,
+    a: *const u16,
+    lda: usize,
+    b: [*const u32; 2],
+    panels: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: every offset stays inside the regions the caller vouched for.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b[0].add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b[1].add(p * NR).cast()));
+            for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+                let pair = a.add(r * lda + 2 * p).cast::<i32>().read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
+                if panels == 2 {
+                    acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate().take(rows) {
+            for (q, &x) in acc_r.iter().enumerate().take(panels) {
+                _mm512_storeu_ps(out.add(r * ldo + q * NR), x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 700.0 - 1.4)
+            .collect()
+    }
+
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1.0078125: ties go to the even one (1.0).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // Just above halfway rounds up.
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        // 1.0078125 + half a step ties to even: up to 1.015625.
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        // The largest finite f32 rounds to infinity, as in hardware.
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+    }
+
+    #[test]
+    fn bf16_products_match_the_rounded_inputs_in_f64_on_ragged_shapes() {
+        let kernels: Vec<bool> = if avx512_bf16() {
+            vec![false, true]
+        } else {
+            println!("SKIPPED: the AVX512-BF16 kernel (this CPU lacks avx512_bf16)");
+            vec![false]
+        };
+        // Odd k (a zero-padded last pair), partial row tiles, one panel alone, partial panels.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 17),
+            (9, 64, 48),
+            (17, 33, 40),
+            (3, 300, 16),
+        ] {
+            let a = values(m * k, 1);
+            let bm = values(k * n, 2);
+            let bias = values(n.div_ceil(NR) * NR, 3);
+            let packed = PackedBf16::pack(k, n, |r, col| bm[r * n + col]);
+            let lda = k.div_ceil(2) * 2;
+            let mut a16 = vec![0u16; m * lda];
+            for i in 0..m {
+                for p in 0..k {
+                    a16[i * lda + p] = to_bf16(a[i * k + p]);
+                }
+            }
+            let mut results = Vec::new();
+            for &avx512 in &kernels {
+                let mut c = vec![f32::NAN; m * n];
+                let epi = Epilogue {
+                    bias: Some(&bias),
+                    relu: true,
+                };
+                gemm_bf16(avx512, m, &a16, lda, &packed, &mut c, n, epi);
+                for i in 0..m {
+                    for j in 0..n {
+                        // The products of the bf16-rounded inputs, summed in f64.
+                        let want: f64 = (0..k)
+                            .map(|p| {
+                                f64::from(from_bf16(a16[i * lda + p]))
+                                    * f64::from(from_bf16(to_bf16(bm[p * n + j])))
+                            })
+                            .sum::<f64>()
+                            + f64::from(bias[j]);
+                        let want = want.max(0.0);
+                        let got = f64::from(c[i * n + j]);
+                        assert!(
+                            (got - want).abs()
+                                <= 1e-5 * (1.0 + k as f64).sqrt() * (1.0 + want.abs()),
+                            "avx512={avx512} {m}x{k}x{n} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+                results.push(c);
+            }
+            // The twin adds in the kernel's order: the same sums.
+            if let [portable, simd] = &results[..] {
+                let worst = portable
+                    .iter()
+                    .zip(simd)
+                    .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                    .fold(0f32, f32::max);
+                assert!(worst <= 1e-6, "{m}x{k}x{n}: twin differs by {worst}");
+            }
+        }
+    }
+}
