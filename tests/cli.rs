@@ -378,11 +378,19 @@ fn impossible_backends_are_refused_with_the_reason() {
         dir.path(),
     ));
     assert!(e.contains("--conv-impl candle"), "{e}");
+    // bf16 on the CPU: the fast path where AVX512-BF16 runs, else an error naming the flag.
+    let bf16 = diracnet(&[&base[..], &["--dtype", "bf16"]].concat(), dir.path());
+    if diracnet::model::cpu::bf16::avx512_bf16() {
+        ok(&bf16);
+    } else {
+        let e = fails(&bf16);
+        assert!(e.contains("avx512_bf16"), "{e}");
+    }
     let e = fails(&diracnet(
-        &[&base[..], &["--dtype", "bf16"]].concat(),
+        &[&base[..], &["--dtype", "bf16", "--conv-impl", "candle"]].concat(),
         dir.path(),
     ));
-    assert!(e.contains("CUDA"), "{e}");
+    assert!(e.contains("--conv-impl fast"), "{e}");
     let out = Command::new(env!("CARGO_BIN_EXE_diracnet"))
         .args(base)
         .env("DIRACNET_CONV_IMPL", "im2col")

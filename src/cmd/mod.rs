@@ -54,8 +54,8 @@ pub struct ModelArgs {
         value_parser = choice::<ConvImpl>
     )]
     pub conv_impl: ConvImpl,
-    /// Compute dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16. f16/bf16 need
-    /// `--conv-impl candle` on the CPU.
+    /// Compute dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16. On the CPU, f16 needs
+    /// `--conv-impl candle`, and bf16 a CPU with AVX512-BF16 (the fast path's bf16 direct conv).
     #[arg(
         long,
         env = "DIRACNET_DTYPE",

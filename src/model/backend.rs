@@ -90,7 +90,7 @@ pub struct Backend {
 
 impl Backend {
     /// Resolves `auto` choices for `device` and refuses combinations that cannot run: the fast
-    /// path is CPU-only and f32.
+    /// path is CPU-only and f32, or bf16 on a CPU with AVX512-BF16 (its direct conv only).
     pub fn new(device: Device, conv: ConvImpl, precision: Precision) -> Result<Self, ModelError> {
         let cuda = device.is_cuda();
         let dtype = match precision {
@@ -99,11 +99,8 @@ impl Backend {
             Precision::F16 => DType::F16,
             Precision::Bf16 => DType::BF16,
         };
-        if dtype == DType::BF16 && !cuda {
-            // candle's CPU matmul has no bf16 kernel.
-            return Err(ModelError::Backend(
-                "--dtype bf16 needs a CUDA device; use f32 (or f16) on the CPU".into(),
-            ));
+        if dtype == DType::BF16 && device.is_cpu() {
+            return Self::cpu_bf16(conv);
         }
         let conv = match conv {
             ConvImpl::Auto if device.is_cpu() && dtype == DType::F32 => ConvImpl::Fast,
@@ -125,6 +122,42 @@ impl Backend {
             conv,
             dtype,
         })
+    }
+
+    /// `--dtype bf16` on the CPU: the fast path's bf16 direct conv, where the CPU has
+    /// AVX512-BF16 (candle's CPU matmul has no bf16 kernel).
+    fn cpu_bf16(conv: ConvImpl) -> Result<Self, ModelError> {
+        match conv {
+            ConvImpl::Auto | ConvImpl::Fast if cpu::bf16::avx512_bf16() => Ok(Self {
+                device: Device::Cpu,
+                conv: ConvImpl::Fast,
+                dtype: DType::BF16,
+            }),
+            ConvImpl::Auto | ConvImpl::Fast => Err(ModelError::Backend(
+                "--dtype bf16 on the CPU needs AVX512-BF16 (the avx512_bf16 flag in lscpu, with \
+                 --cpu-isa auto or avx512), which this CPU lacks or --cpu-isa excludes; use f32 \
+                 here, or bf16 on a CUDA device"
+                    .into(),
+            )),
+            ConvImpl::Candle => Err(ModelError::Backend(
+                "--dtype bf16 on the CPU runs on the fast path only (candle's CPU matmul has no \
+                 bf16 kernel): use --conv-impl fast, or a CUDA device"
+                    .into(),
+            )),
+            other => Err(ModelError::Backend(format!(
+                "--dtype bf16 on the CPU runs its own bf16 direct conv; --conv-impl {other} \
+                 forces an f32 algorithm: use --conv-impl fast"
+            ))),
+        }
+    }
+
+    /// The 3×3 algorithm for layers on `side × side` maps (`None`: candle's conv).
+    pub fn conv_algo(&self, side: usize) -> Option<cpu::Algo> {
+        if self.conv.is_fast() && self.dtype == DType::BF16 {
+            Some(cpu::Algo::Bf16)
+        } else {
+            self.conv.algo(side)
+        }
     }
 
     /// The CPU, fast path, f32: the default for tests and tools.
@@ -159,7 +192,11 @@ impl Backend {
     /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`); `None` when
     /// the fast path is not in use (candle's convolutions, or a GPU).
     pub fn isa(&self) -> Option<&'static str> {
-        self.conv.is_fast().then(|| cpu::isa().name())
+        match (self.conv.is_fast(), self.dtype) {
+            (true, DType::BF16) => Some("avx512_bf16"),
+            (true, _) => Some(cpu::isa().name()),
+            (false, _) => None,
+        }
     }
 
     /// The convolution implementation in words, e.g. `fast (winograd f4x4 + direct, avx512)`
@@ -167,6 +204,9 @@ impl Backend {
     pub fn conv_description(&self) -> String {
         let isa = cpu::isa().name();
         match self.conv {
+            ConvImpl::Fast if self.dtype == DType::BF16 => {
+                "fast (direct bf16, f32 sums, avx512_bf16)".to_string()
+            }
             // The direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
             ConvImpl::Fast if cpu::isa() == cpu::Isa::Avx512 => {
                 format!("fast (winograd f4x4 + direct, {isa})")
@@ -192,7 +232,22 @@ mod tests {
         let e = Backend::new(Device::Cpu, ConvImpl::Fast, Precision::F16).unwrap_err();
         assert!(e.to_string().contains("--conv-impl candle"), "{e}");
         let e = Backend::new(Device::Cpu, ConvImpl::Candle, Precision::Bf16).unwrap_err();
-        assert!(e.to_string().contains("CUDA"), "{e}");
+        assert!(e.to_string().contains("--conv-impl fast"), "{e}");
+        let e = Backend::new(Device::Cpu, ConvImpl::Winograd, Precision::Bf16).unwrap_err();
+        assert!(e.to_string().contains("--conv-impl fast"), "{e}");
+        // bf16 on the CPU: the fast path where AVX512-BF16 runs, else an error naming it.
+        match Backend::new(Device::Cpu, ConvImpl::Auto, Precision::Bf16) {
+            Ok(b) => {
+                assert!(cpu::bf16::avx512_bf16());
+                assert_eq!((b.conv(), b.dtype()), (ConvImpl::Fast, DType::BF16));
+                assert_eq!(b.isa(), Some("avx512_bf16"));
+                assert_eq!(b.conv_algo(7), Some(cpu::Algo::Bf16));
+            }
+            Err(e) => {
+                assert!(!cpu::bf16::avx512_bf16());
+                assert!(e.to_string().contains("avx512_bf16"), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::{cpu, ConvImpl};
+use super::{cpu, Backend, ConvImpl};
 
 /// The weights of a conv at `vb` (`weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`) as f32
 /// host values, for the fast ops to pack.
@@ -93,23 +93,24 @@ impl Stem {
 pub enum Block {
     /// candle's conv, NCHW.
     Candle(Conv2d),
-    /// Winograd F(4×4, 3×3) or direct, NHWC, bias and ReLU fused.
-    Fast(cpu::Conv3x3),
+    /// Winograd F(4×4, 3×3), direct, or direct in bf16, NHWC, bias and ReLU fused (boxed: it
+    /// holds up to three weight layouts).
+    Fast(Box<cpu::Conv3x3>),
 }
 
 impl Block {
-    /// Loads `weight` and `bias` at `vb`: `c_in` → `width` channels, on `side × side` maps.
+    /// Loads `weight` and `bias` at `vb`: `c_in` → `width` channels, computed by `algo` (the
+    /// fast path's 3×3 algorithm; `None`: candle's conv).
     pub fn load(
         vb: VarBuilder,
         c_in: usize,
         width: usize,
-        side: usize,
-        conv: ConvImpl,
+        algo: Option<cpu::Algo>,
     ) -> Result<Self> {
-        Ok(match conv.algo(side) {
+        Ok(match algo {
             Some(algo) => {
                 let (w, b) = host_conv(&vb, width, c_in, 3)?;
-                Self::Fast(cpu::Conv3x3::new(&w, &b, width, c_in, algo))
+                Self::Fast(Box::new(cpu::Conv3x3::new(&w, &b, width, c_in, algo)))
             }
             None => Self::Candle(candle_conv(vb, c_in, width, 3, 1, 1)?),
         })
@@ -119,7 +120,7 @@ impl Block {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(conv) => conv.forward(&x.relu()?),
-            Self::Fast(conv) => x.apply_op1_no_bwd(conv),
+            Self::Fast(conv) => x.apply_op1_no_bwd(conv.as_ref()),
         }
     }
 }
@@ -135,7 +136,7 @@ pub struct Group {
 
 impl Group {
     /// Loads `blocks` blocks at `vb` (`block0`, `block1`, ...): `c_in` → `width` channels, on
-    /// `side × side` maps.
+    /// `side × side` maps, as `backend` computes them.
     pub fn load(
         vb: VarBuilder,
         c_in: usize,
@@ -143,24 +144,19 @@ impl Group {
         blocks: usize,
         side: usize,
         last: bool,
-        conv: ConvImpl,
+        backend: &Backend,
     ) -> Result<Self> {
+        let algo = backend.conv_algo(side);
         let blocks = (0..blocks)
             .map(|b| {
                 let c_in = if b == 0 { c_in } else { width };
-                Block::load(
-                    vb.pp(format!("block{b}")).pp("conv"),
-                    c_in,
-                    width,
-                    side,
-                    conv,
-                )
+                Block::load(vb.pp(format!("block{b}")).pp("conv"), c_in, width, algo)
             })
             .collect::<Result<_>>()?;
         Ok(Self {
             blocks,
             pool: !last,
-            conv,
+            conv: backend.conv(),
         })
     }
 

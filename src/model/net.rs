@@ -52,7 +52,7 @@ impl DiracNet {
                 blocks,
                 side,
                 g == last,
-                conv,
+                backend,
             )?);
             c_in = width;
             side /= 2;
@@ -148,10 +148,15 @@ impl DiracNet {
         // op (3 % faster at batch 1), but allocated its activations in the malloc arena of
         // whichever worker took it, so every worker's arena grew to a pass's peak (+92 MiB for
         // DiracNet-34 at batch 32).
-        let mut x = self.stem.forward(
-            &x.to_device(self.backend.device())?
-                .to_dtype(self.backend.dtype())?,
-        )?;
+        // The fast path takes f32 input whatever it computes in (bf16 rounds in its convs).
+        let dtype = if self.backend.conv().is_fast() {
+            DType::F32
+        } else {
+            self.backend.dtype()
+        };
+        let mut x = self
+            .stem
+            .forward(&x.to_device(self.backend.device())?.to_dtype(dtype)?)?;
         for group in &self.groups {
             x = group.forward(x)?;
         }

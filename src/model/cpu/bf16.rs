@@ -28,12 +28,11 @@ pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// Whether this CPU runs the AVX512-BF16 kernel.
+/// Whether the AVX512-BF16 kernel runs here: the CPU has it, and `--cpu-isa` allows AVX-512.
 pub fn avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        super::isa() == super::Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -11,6 +11,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::bf16::{self, PackedBf16};
 use super::gemm::{self, Epilogue, Isa, PackedB, NR};
 use super::{input4, isa, padded_bias, supported, with_scratch, Plan, Shared};
 
@@ -184,4 +185,137 @@ impl CustomOp1 for DirectConv {
             });
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
     }
+}
+
+/// [`DirectConv`] in bf16: receptive fields rounded to bf16 as they are copied, weights packed
+/// in bf16 pairs, products summed in f32 ([`bf16::gemm_bf16`]); bias, ReLU and the output in f32.
+#[derive(Debug, Clone)]
+pub struct DirectConvBf16 {
+    c_in: usize,
+    c_out: usize,
+    /// `(ky, kx, c_in) × c_out`, in bf16 pairs.
+    weights: PackedBf16,
+    bias: Vec<f32>,
+    /// The AVX512-BF16 kernel (else the portable one).
+    avx512: bool,
+}
+
+impl DirectConvBf16 {
+    /// From PyTorch-layout weights `[c_out, c_in, 3, 3]` (flattened) and bias `[c_out]`.
+    pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize) -> Self {
+        assert_eq!(
+            weight.len(),
+            c_out * c_in * 9,
+            "DirectConvBf16: weight length"
+        );
+        assert_eq!(bias.len(), c_out, "DirectConvBf16: bias length");
+        let weights = PackedBf16::pack(9 * c_in, c_out, |r, col| {
+            let (tap, ci) = (r / c_in, r % c_in);
+            weight[(col * c_in + ci) * 9 + tap]
+        });
+        Self {
+            c_in,
+            c_out,
+            weights,
+            bias: padded_bias(bias),
+            avx512: bf16::avx512_bf16(),
+        }
+    }
+
+    /// Uses the portable kernel even where AVX512-BF16 runs (for tests).
+    pub fn portable(mut self) -> Self {
+        self.avx512 = false;
+        self
+    }
+
+    /// Bytes of packed weights.
+    pub fn bytes(&self) -> usize {
+        self.weights.bytes() + self.bias.len() * 4
+    }
+
+    /// Row `i` of `a` (`lda` ≥ 9·c, even): the receptive field of output pixel `r0 + i`, in
+    /// bf16, zeros outside the map and in the padding.
+    fn im2col(&self, x: &[f32], h: usize, w: usize, r0: usize, lda: usize, a: &mut [u16]) {
+        let c = self.c_in;
+        for (i, row) in a.chunks_exact_mut(lda).enumerate() {
+            let r = r0 + i;
+            let (img, y, xx) = (r / (h * w), r / w % h, r % w);
+            row[9 * c..].fill(0);
+            for (tap, dst) in row[..9 * c].chunks_exact_mut(c).enumerate() {
+                let (iy, ix) = (
+                    (y + tap / 3).wrapping_sub(1),
+                    (xx + tap % 3).wrapping_sub(1),
+                );
+                if iy < h && ix < w {
+                    let src = &x[((img * h + iy) * w + ix) * c..][..c];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = bf16::to_bf16(v);
+                    }
+                } else {
+                    dst.fill(0);
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for DirectConvBf16 {
+    fn name(&self) -> &'static str {
+        "direct-conv3x3-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
+        if c != self.c_in {
+            bail!(
+                "{}: input has {c} channels, expected {}",
+                self.name(),
+                self.c_in
+            );
+        }
+        let rows = n * h * w;
+        let lda = self.weights.k().div_ceil(2) * 2;
+        let mut out = vec![0f32; rows * self.c_out];
+        // Whole rows of output channels per item, so that items write disjoint slices.
+        let block = rows
+            .div_ceil(4 * rayon::current_num_threads())
+            .clamp(1, BLOCK_ROWS);
+        out.par_chunks_mut((block * self.c_out).max(1))
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let r0 = blk * block;
+                let rn = dst.len() / self.c_out.max(1);
+                A16.with(|a| {
+                    let mut a = a.borrow_mut();
+                    if a.len() < rn * lda {
+                        a.resize(rn * lda, 0);
+                    }
+                    let a = &mut a[..rn * lda];
+                    self.im2col(x, h, w, r0, lda, a);
+                    bf16::gemm_bf16(
+                        self.avx512,
+                        rn,
+                        a,
+                        lda,
+                        &self.weights,
+                        dst,
+                        self.c_out,
+                        Epilogue {
+                            bias: Some(&self.bias),
+                            relu: true,
+                        },
+                    );
+                });
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
+    }
+}
+
+thread_local! {
+    /// Per-thread bf16 receptive fields, reused across calls.
+    static A16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }

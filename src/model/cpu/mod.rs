@@ -34,7 +34,7 @@ use std::cell::RefCell;
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-pub use direct::DirectConv;
+pub use direct::{DirectConv, DirectConvBf16};
 pub use gemm::Isa;
 use gemm::{Epilogue, PackedB, NR};
 #[cfg(target_arch = "x86_64")]
@@ -351,6 +351,8 @@ pub enum Algo {
         /// Height and width of the layer's input map.
         side: usize,
     },
+    /// The direct conv in bf16 ([`DirectConvBf16`]) for every call (`--dtype bf16`).
+    Bf16,
 }
 
 /// A 3×3, stride-1, pad-1 convolution of the fast path, NHWC, with bias and ReLU: Winograd,
@@ -359,6 +361,7 @@ pub enum Algo {
 pub struct Conv3x3 {
     winograd: Option<WinogradConv>,
     direct: Option<DirectConv>,
+    bf16: Option<DirectConvBf16>,
     isa: Isa,
 }
 
@@ -382,11 +385,13 @@ impl Conv3x3 {
         let (winograd, direct) = match algo {
             Algo::Winograd => (true, false),
             Algo::Direct => (false, true),
+            Algo::Bf16 => (false, false),
             Algo::BySize { side } => (true, Self::direct_wins(isa(), 1, side, side, c_in, c_out)),
         };
         Self {
             winograd: winograd.then(|| WinogradConv::new(weight, bias, c_out, c_in)),
             direct: direct.then(|| DirectConv::new(weight, bias, c_out, c_in)),
+            bf16: (algo == Algo::Bf16).then(|| DirectConvBf16::new(weight, bias, c_out, c_in)),
             isa: isa(),
         }
     }
@@ -396,6 +401,7 @@ impl Conv3x3 {
         Self {
             winograd: self.winograd.map(|op| op.with_isa(isa)),
             direct: self.direct.map(|op| op.with_isa(isa)),
+            bf16: self.bf16,
             isa: supported(isa),
         }
     }
@@ -408,8 +414,11 @@ impl Conv3x3 {
             && c_in * c_out >= DIRECT_MIN_PAIRS
     }
 
-    /// The algorithms held: `winograd`, `direct`, or `winograd+direct`.
+    /// The algorithms held: `winograd`, `direct`, `winograd+direct` or `direct-bf16`.
     pub fn algorithms(&self) -> &'static str {
+        if self.bf16.is_some() {
+            return "direct-bf16";
+        }
         match (&self.winograd, &self.direct) {
             (Some(_), Some(_)) => "winograd+direct",
             (None, Some(_)) => "direct",
@@ -421,6 +430,7 @@ impl Conv3x3 {
     pub fn bytes(&self) -> usize {
         self.winograd.as_ref().map_or(0, WinogradConv::bytes)
             + self.direct.as_ref().map_or(0, DirectConv::bytes)
+            + self.bf16.as_ref().map_or(0, DirectConvBf16::bytes)
     }
 }
 
@@ -434,6 +444,9 @@ impl CustomOp1 for Conv3x3 {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some(bf16) = &self.bf16 {
+            return bf16.cpu_fwd(storage, layout);
+        }
         match (&self.winograd, &self.direct) {
             (Some(wino), Some(direct)) => {
                 let &[n, h, w, c] = layout.dims() else {
@@ -1099,6 +1112,44 @@ mod tests {
                     .unwrap();
                 let err = max_rel_err(&got, &want);
                 assert!(err < 1e-6, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_direct_conv_stays_within_bf16_rounding_of_candle_conv() {
+        let kernels = if bf16::avx512_bf16() {
+            vec![true, false]
+        } else {
+            println!("SKIPPED: the AVX512-BF16 kernel (this CPU lacks avx512_bf16)");
+            vec![false]
+        };
+        for &(n, ci, co, h, w) in &[(2, 3, 5, 7, 9), (1, 16, 32, 1, 1), (3, 21, 17, 4, 13)] {
+            let x =
+                Tensor::from_vec(values(n * ci * h * w, 18), (n, ci, h, w), &Device::Cpu).unwrap();
+            let wv = values(co * ci * 9, 19);
+            let bv = values(co, 20);
+            let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
+            for &avx512 in &kernels {
+                let op = DirectConvBf16::new(&wv, &bv, co, ci);
+                let op = if avx512 { op } else { op.portable() };
+                let got = x
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .apply_op1_no_bwd(&op)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                // Inputs and weights rounded to 8 bits of mantissa: up to 2^-8 relative each,
+                // mostly cancelling over the sum.
+                let err = max_rel_err(&got, &want);
+                assert!(
+                    err < 1e-2,
+                    "avx512={avx512} {n}x{ci}->{co} {h}x{w}: rel err {err}"
+                );
+                assert!(err > 0.0, "bf16 rounding left no trace: not the bf16 path?");
             }
         }
     }
