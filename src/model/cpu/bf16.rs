@@ -23,6 +23,38 @@ pub fn to_bf16(x: f32) -> u16 {
     (bits.wrapping_add(round) >> 16) as u16
 }
 
+/// [`to_bf16`] of every value of `src` into `dst` (as long), compiled for AVX-512 where the
+/// kernel set has it (the same code: branch-free, so it vectorises 16 wide).
+pub fn to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "to_bf16_slice: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // SAFETY: an `Isa::Avx512` is detected only where AVX-512F (and AVX2) run.
+        return unsafe { to_bf16_slice_avx512(src, dst) };
+    }
+    to_bf16_slice_portable(src, dst);
+}
+
+/// [`to_bf16_slice_portable`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn to_bf16_slice_avx512(src: &[f32], dst: &mut [u16]) {
+    to_bf16_slice_portable(src, dst);
+}
+
+#[inline(always)]
+fn to_bf16_slice_portable(src: &[f32], dst: &mut [u16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        let bits = x.to_bits();
+        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+        let quiet = ((bits >> 16) as u16) | 0x40;
+        *d = if x.is_nan() { quiet } else { rounded };
+    }
+}
+
 /// bf16 → f32 (exact).
 pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
@@ -271,6 +303,25 @@ mod tests {
         (0..len)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2000) as f32 / 700.0 - 1.4)
             .collect()
+    }
+
+    #[test]
+    fn rounding_a_slice_equals_rounding_each_value() {
+        let mut src = values(1000, 4);
+        src.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::MAX,
+            -0.0,
+            1e-40,
+            1.0 + 1.0 / 256.0,
+        ]);
+        let mut dst = vec![0u16; src.len() - 3];
+        to_bf16_slice(&src[3..], &mut dst);
+        for (x, d) in src[3..].iter().zip(&dst) {
+            assert_eq!(*d, to_bf16(*x), "{x}");
+        }
     }
 
     #[test]

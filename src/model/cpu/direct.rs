@@ -187,8 +187,9 @@ impl CustomOp1 for DirectConv {
     }
 }
 
-/// [`DirectConv`] in bf16: receptive fields rounded to bf16 as they are copied, weights packed
-/// in bf16 pairs, products summed in f32 ([`bf16::gemm_bf16`]); bias, ReLU and the output in f32.
+/// [`DirectConv`] in bf16: the input map rounded to bf16 once, its receptive fields copied from
+/// that, weights packed in bf16 pairs, products summed in f32 ([`bf16::gemm_bf16`]); bias, ReLU
+/// and the output in f32.
 #[derive(Debug, Clone)]
 pub struct DirectConvBf16 {
     c_in: usize,
@@ -233,26 +234,32 @@ impl DirectConvBf16 {
         self.weights.bytes() + self.bias.len() * 4
     }
 
-    /// Row `i` of `a` (`lda` ≥ 9·c, even): the receptive field of output pixel `r0 + i`, in
-    /// bf16, zeros outside the map and in the padding.
-    fn im2col(&self, x: &[f32], h: usize, w: usize, r0: usize, lda: usize, a: &mut [u16]) {
+    /// Row `i` of `a` (`lda` ≥ 9·c, even): the receptive field of output pixel `r0 + i` of the
+    /// bf16 map `x`, zeros outside the map and in the padding.
+    fn im2col(&self, x: &[u16], h: usize, w: usize, r0: usize, lda: usize, a: &mut [u16]) {
         let c = self.c_in;
         for (i, row) in a.chunks_exact_mut(lda).enumerate() {
             let r = r0 + i;
             let (img, y, xx) = (r / (h * w), r / w % h, r % w);
             row[9 * c..].fill(0);
-            for (tap, dst) in row[..9 * c].chunks_exact_mut(c).enumerate() {
-                let (iy, ix) = (
-                    (y + tap / 3).wrapping_sub(1),
-                    (xx + tap % 3).wrapping_sub(1),
-                );
-                if iy < h && ix < w {
-                    let src = &x[((img * h + iy) * w + ix) * c..][..c];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = bf16::to_bf16(v);
-                    }
-                } else {
+            for (ky, dst) in row[..9 * c].chunks_exact_mut(3 * c).enumerate() {
+                let iy = (y + ky).wrapping_sub(1);
+                if iy >= h {
                     dst.fill(0);
+                    continue;
+                }
+                let line = &x[(img * h + iy) * w * c..][..w * c];
+                if xx >= 1 && xx + 1 < w {
+                    dst.copy_from_slice(&line[(xx - 1) * c..][..3 * c]);
+                    continue;
+                }
+                for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
+                    let ix = (xx + kx).wrapping_sub(1);
+                    if ix < w {
+                        d.copy_from_slice(&line[ix * c..][..c]);
+                    } else {
+                        d.fill(0);
+                    }
                 }
             }
         }
@@ -279,6 +286,11 @@ impl CustomOp1 for DirectConvBf16 {
         }
         let rows = n * h * w;
         let lda = self.weights.k().div_ceil(2) * 2;
+        // The map in bf16 once: each value goes into up to nine receptive fields.
+        let mut x16 = vec![0u16; x.len()];
+        x16.par_chunks_mut(1 << 16)
+            .zip(x.par_chunks(1 << 16))
+            .for_each(|(d, s)| bf16::to_bf16_slice(s, d));
         let mut out = vec![0f32; rows * self.c_out];
         // Whole rows of output channels per item, so that items write disjoint slices.
         let block = rows
@@ -295,7 +307,7 @@ impl CustomOp1 for DirectConvBf16 {
                         a.resize(rn * lda, 0);
                     }
                     let a = &mut a[..rn * lda];
-                    self.im2col(x, h, w, r0, lda, a);
+                    self.im2col(&x16, h, w, r0, lda, a);
                     bf16::gemm_bf16(
                         self.avx512,
                         rn,
