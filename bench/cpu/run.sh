@@ -4,7 +4,7 @@
 #   bench/cpu/run.sh [--binary PATH] [--with-torch | --torch-python PY] [--python PY]
 #                    [--seconds S] [--rounds R] [--depth 18|34|both] [--batches 1,8,32]
 #                    [--threads T] [--conv-impl fast[,winograd,direct,candle]|default] [--warmup N]
-#                    [--no-ours] [--no-ort] [--skip-check] [--out DIR]
+#                    [--bf16] [--no-ours] [--no-ort] [--skip-check] [--out DIR]
 #
 # - Makes the venv bench/cpu/.venv from PyPI (requirements.txt) the first time.
 # - --with-torch also installs torch into that venv (from PyPI; set TORCH_EXTRA_INDEX_URL,
