@@ -10,7 +10,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::batcher::BatchObserver;
+use crate::{batcher::BatchObserver, model::Backend};
 
 /// All server metrics.
 #[derive(Clone)]
@@ -25,6 +25,7 @@ pub struct Metrics {
     batch_size: HistogramVec,
     queue_depth: IntGaugeVec,
     images: IntCounterVec,
+    model_info: IntGaugeVec,
 }
 
 /// Seconds, 0.5 ms … 60 s, roughly ×1.5 per bucket.
@@ -118,6 +119,15 @@ impl Metrics {
         registry
             .register(Box::new(queue_depth.clone()))
             .expect("unique metric");
+        let model_info = IntGaugeVec::new(
+            Opts::new("model_info", "1 per model; the labels say how it computes.")
+                .namespace("diracnet"),
+            &["model", "dtype", "isa", "conv_impl", "device"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(model_info.clone()))
+            .expect("unique metric");
         Self {
             registry,
             requests,
@@ -129,6 +139,7 @@ impl Metrics {
             batch_size,
             queue_depth,
             images,
+            model_info,
         }
     }
 
@@ -165,8 +176,18 @@ impl Metrics {
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
-    /// Makes every per-model series exist from the start (at zero).
-    pub fn init_model(&self, model: &str) {
+    /// Makes every per-model series exist from the start (at zero), and `model_info` say how
+    /// `model` computes on `backend`.
+    pub fn init_model(&self, model: &str, backend: &Backend) {
+        self.model_info
+            .with_label_values(&[
+                model,
+                backend.dtype_name(),
+                backend.isa().unwrap_or("none"),
+                &backend.conv_description(),
+                &crate::device::describe(backend.device()),
+            ])
+            .set(1);
         self.queue_depth.with_label_values(&[model]).set(0);
         self.images.with_label_values(&[model]);
         for reason in [

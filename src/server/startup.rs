@@ -44,7 +44,7 @@ pub(super) async fn load_models(state: &AppState) -> Result<Vec<ServedModel>, Se
             seconds = started.elapsed().as_secs_f64(),
             "model loaded and warmed up"
         );
-        state.metrics.init_model(&spec.name);
+        state.metrics.init_model(&spec.name, &backend);
         let network = classifier.clone();
         let batcher = Batcher::spawn(
             &spec.name,

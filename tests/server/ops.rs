@@ -96,9 +96,24 @@ async fn metrics_parse_and_count() {
         "diracnet_batch_size",
         "diracnet_queue_depth",
         "diracnet_images_classified_total",
+        "diracnet_model_info",
     ] {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
     }
+    // How the model computes, as labels of a constant 1.
+    let info = text
+        .lines()
+        .find(|l| l.starts_with("diracnet_model_info{"))
+        .expect("a model_info sample");
+    for label in [
+        "model=\"dn18w16_v03\"",
+        "dtype=\"f32\"",
+        "device=\"cpu\"",
+        "isa=\"",
+    ] {
+        assert!(info.contains(label), "{label} missing from {info}");
+    }
+    assert!(info.ends_with(" 1"), "{info}");
     assert!(text.contains(
         "diracnet_requests_total{code=\"200\",model=\"dn18w16_v03\",route=\"/classify\"} 1"
     ));
