@@ -132,12 +132,12 @@ impl PackedBf16 {
 const MR: usize = 8;
 
 /// `C[i, col] = Σ_p A[i, p] · B[p, col]` in f32 from bf16 `A` and `B` (then the epilogue), for
-/// rows `0..m` and all columns of `b`; columns at or beyond `n` are not written.
+/// rows `0..m` and the columns of panels `panels`; columns at or beyond `n` are not written.
 ///
 /// `a` holds row `i` at `a[i * lda..][..k]` as bf16 bits, `k` rounded up to even (the pad
-/// value is multiplied by zero weights, but must not be NaN or infinite: use 0); `c` holds row
-/// `i` at `c[i * ldc..][..n]`. `avx512` picks the AVX512-BF16 kernel, where
-/// [`avx512_bf16`] says the CPU has it.
+/// value is multiplied by zero weights, but must not be NaN or infinite: use 0); `c` holds
+/// column `col` of row `i` at `c[i * ldc + col - panels.start * NR]`. `avx512` picks the
+/// AVX512-BF16 kernel, where [`avx512_bf16`] says the CPU has it.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
     avx512: bool,
@@ -145,30 +145,34 @@ pub fn gemm_bf16(
     a: &[u16],
     lda: usize,
     b: &PackedBf16,
+    panels: std::ops::Range<usize>,
     c: &mut [f32],
     ldc: usize,
     epi: Epilogue<'_>,
 ) {
     let (k2, n) = (b.k.div_ceil(2) * 2, b.n);
-    if m == 0 || n == 0 {
+    if m == 0 || panels.is_empty() {
         return;
     }
+    assert!(panels.end <= b.panels(), "gemm_bf16: panel out of range");
+    let col0 = panels.start * NR;
+    let width_all = (panels.end * NR).min(n) - col0;
     assert!(
         lda >= k2 && a.len() >= (m - 1) * lda + k2,
         "gemm_bf16: A too short"
     );
     assert!(
-        c.len() >= (m - 1) * ldc + n && ldc >= n,
+        c.len() >= (m - 1) * ldc + width_all && ldc >= width_all,
         "gemm_bf16: C too short"
     );
     if let Some(bias) = epi.bias {
-        assert!(bias.len() >= b.panels() * NR, "gemm_bf16: bias too short");
+        assert!(bias.len() >= panels.end * NR, "gemm_bf16: bias too short");
     }
     let avx512 = avx512 && avx512_bf16();
     let mut tmp = [0f32; MR * 2 * NR];
-    let mut j = 0;
-    while j < b.panels() {
-        let panels = 2.min(b.panels() - j);
+    let mut j = panels.start;
+    while j < panels.end {
+        let panels = 2.min(panels.end - j);
         let width = panels * NR;
         let cols = (n - j * NR).min(width);
         let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);
@@ -208,7 +212,7 @@ pub fn gemm_bf16(
                         *x = x.max(0.0);
                     }
                 }
-                c[(i + r) * ldc + j * NR..][..cols].copy_from_slice(&row[..cols]);
+                c[(i + r) * ldc + j * NR - col0..][..cols].copy_from_slice(&row[..cols]);
             }
             i += rows;
         }
@@ -374,7 +378,17 @@ mod tests {
                     bias: Some(&bias),
                     relu: true,
                 };
-                gemm_bf16(avx512, m, &a16, lda, &packed, &mut c, n, epi);
+                gemm_bf16(
+                    avx512,
+                    m,
+                    &a16,
+                    lda,
+                    &packed,
+                    0..packed.panels(),
+                    &mut c,
+                    n,
+                    epi,
+                );
                 for i in 0..m {
                     for j in 0..n {
                         // The products of the bf16-rounded inputs, summed in f64.
