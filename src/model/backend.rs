@@ -189,8 +189,9 @@ impl Backend {
         self.dtype.as_str()
     }
 
-    /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`); `None` when
-    /// the fast path is not in use (candle's convolutions, or a GPU).
+    /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`, or
+    /// `avx512_bf16` for `--dtype bf16`); `None` when the fast path is not in use (candle's
+    /// convolutions, or a GPU).
     pub fn isa(&self) -> Option<&'static str> {
         match (self.conv.is_fast(), self.dtype) {
             (true, DType::BF16) => Some("avx512_bf16"),

@@ -79,7 +79,8 @@ pub struct ModelInfo {
     pub queue_depth: usize,
     /// Convolution implementation, e.g. `fast (winograd f4x4, avx2+fma)` or `candle`.
     pub conv_impl: String,
-    /// CPU kernel set of the fast path: `avx512`, `avx2+fma` or `portable`; null without it.
+    /// CPU kernel set of the fast path: `avx512`, `avx2+fma` or `portable` (f32), or
+    /// `avx512_bf16` (`--dtype bf16`); null without the fast path.
     pub isa: Option<&'static str>,
     /// Compute dtype: `f32`, `f16` or `bf16`.
     pub dtype: String,
