@@ -55,17 +55,6 @@ impl ConvImpl {
     pub fn is_fast(self) -> bool {
         matches!(self, Self::Fast | Self::Winograd | Self::Direct)
     }
-
-    /// The 3×3 algorithm of the fast path for a layer whose input maps are `side × side`;
-    /// `None` off the fast path.
-    pub fn algo(self, side: usize) -> Option<cpu::Algo> {
-        match self {
-            Self::Fast => Some(cpu::Algo::BySize { side }),
-            Self::Winograd => Some(cpu::Algo::Winograd),
-            Self::Direct => Some(cpu::Algo::Direct),
-            Self::Auto | Self::Candle => None,
-        }
-    }
 }
 
 impl fmt::Display for ConvImpl {
@@ -153,10 +142,13 @@ impl Backend {
 
     /// The 3×3 algorithm for layers on `side × side` maps (`None`: candle's conv).
     pub fn conv_algo(&self, side: usize) -> Option<cpu::Algo> {
-        if self.conv.is_fast() && self.dtype == DType::BF16 {
-            Some(cpu::Algo::Bf16)
-        } else {
-            self.conv.algo(side)
+        match self.conv {
+            // bf16 runs on the fast path only (`Backend::new`), as its direct conv.
+            _ if self.dtype == DType::BF16 && self.conv.is_fast() => Some(cpu::Algo::Bf16),
+            ConvImpl::Fast => Some(cpu::Algo::BySize { side }),
+            ConvImpl::Winograd => Some(cpu::Algo::Winograd),
+            ConvImpl::Direct => Some(cpu::Algo::Direct),
+            ConvImpl::Auto | ConvImpl::Candle => None,
         }
     }
 

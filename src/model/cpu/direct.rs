@@ -8,16 +8,73 @@
 //! its pixels, dominate — the 512-channel 7×7 layers at batch 1 stream 37.7 MB of transformed
 //! weights for 4 tiles. Its result is the plain sum of products, as PyTorch's direct conv.
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape};
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 use super::bf16::{self, PackedBf16};
 use super::gemm::{self, Epilogue, Isa, PackedB, NR};
-use super::{input4, isa, padded_bias, supported, with_scratch, Plan, Shared};
+use super::{input_nhwc, isa, padded_bias, supported, with_scratch, Plan, Shared};
 
 /// The most output pixels per work item: the rows of `A` a pass over [`gemm::KC`] reduction
 /// steps reads (`rows × KC` floats, 256 KiB) stay in L2 while every weight panel sweeps them.
 const BLOCK_ROWS: usize = 128;
+
+/// Row `i` of `a` (rows of `lda` ≥ 9·c values): the receptive field of output pixel `r0 + i`
+/// of the `[n, h, w, c]` map `x`, in the order (ky, kx, channel), `zero` outside the map and
+/// after the `9·c` values. Inside the map a kernel row is one run of `3·c` values.
+fn im2col<T: Copy>(x: &[T], [h, w, c]: [usize; 3], r0: usize, lda: usize, zero: T, a: &mut [T]) {
+    for (i, row) in a.chunks_exact_mut(lda).enumerate() {
+        let r = r0 + i;
+        let (img, y, xx) = (r / (h * w), r / w % h, r % w);
+        row[9 * c..].fill(zero);
+        for (ky, dst) in row[..9 * c].chunks_exact_mut(3 * c).enumerate() {
+            let iy = (y + ky).wrapping_sub(1);
+            if iy >= h {
+                dst.fill(zero);
+                continue;
+            }
+            let line = &x[(img * h + iy) * w * c..][..w * c];
+            if xx >= 1 && xx + 1 < w {
+                dst.copy_from_slice(&line[(xx - 1) * c..][..3 * c]);
+                continue;
+            }
+            for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
+                let ix = (xx + kx).wrapping_sub(1);
+                if ix < w {
+                    d.copy_from_slice(&line[ix * c..][..c]);
+                } else {
+                    d.fill(zero);
+                }
+            }
+        }
+    }
+}
+
+/// Copies a work item's products (rows of `panels.len() · NR` values from pixel `r0` on) into
+/// their pixels' channels of `panels` in the `[pixels, c_out]` output `out` (`out_len` floats).
+///
+/// # Safety
+/// No other thread may write those pixels' channels meanwhile (each item owns its own).
+unsafe fn scatter(
+    out: Shared,
+    out_len: usize,
+    c_out: usize,
+    r0: usize,
+    panels: &Range<usize>,
+    prod: &[f32],
+) {
+    let col0 = panels.start * NR;
+    let cols = (panels.end * NR).min(c_out) - col0;
+    for (i, src) in prod.chunks_exact(panels.len() * NR).enumerate() {
+        let at = (r0 + i) * c_out + col0;
+        assert!(at + cols <= out_len);
+        // SAFETY: in bounds (checked); the caller owns these pixels' channels.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), cols) };
+        dst.copy_from_slice(&src[..cols]);
+    }
+}
 
 /// A 3×3, stride-1, pad-1 convolution, NHWC in and out, with bias and ReLU, as im2col + GEMM.
 #[derive(Debug, Clone)]
@@ -67,7 +124,7 @@ impl DirectConv {
     /// From output pixel `r` of `h × w` maps, at most `left` pixels on: how many share `r`'s
     /// kernel rows on the map, and those rows (`1..3` on the top row, `0..2` on the bottom one,
     /// `1..2` on a map one pixel high).
-    fn run(h: usize, w: usize, r: usize, left: usize) -> (usize, std::ops::Range<usize>) {
+    fn run(h: usize, w: usize, r: usize, left: usize) -> (usize, Range<usize>) {
         let (y, x) = (r / w % h, r % w);
         let taps = usize::from(y == 0)..3 - usize::from(y + 1 == h);
         let run = if y == 0 || y + 1 == h {
@@ -76,36 +133,6 @@ impl DirectConv {
             (h - 1 - y) * w - x
         };
         (run.min(left), taps)
-    }
-
-    /// The receptive fields of output pixels `r0..r0+a.len()/(9·c)` of an `[n, h, w, c]` map,
-    /// one row of `9·c` values each, zeros outside the map.
-    fn im2col(&self, x: &[f32], h: usize, w: usize, r0: usize, a: &mut [f32]) {
-        let c = self.c_in;
-        for (i, row) in a.chunks_exact_mut(9 * c).enumerate() {
-            let r = r0 + i;
-            let (img, y, xx) = (r / (h * w), r / w % h, r % w);
-            for (ky, dst) in row.chunks_exact_mut(3 * c).enumerate() {
-                let iy = (y + ky).wrapping_sub(1);
-                if iy >= h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let line = &x[(img * h + iy) * w * c..][..w * c];
-                if xx >= 1 && xx + 1 < w {
-                    dst.copy_from_slice(&line[(xx - 1) * c..][..3 * c]);
-                    continue;
-                }
-                for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
-                    let ix = (xx + kx).wrapping_sub(1);
-                    if ix < w {
-                        d.copy_from_slice(&line[ix * c..][..c]);
-                    } else {
-                        d.fill(0.0);
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -119,70 +146,54 @@ impl CustomOp1 for DirectConv {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
-        if c != self.c_in {
-            bail!(
-                "{}: input has {c} channels, expected {}",
-                self.name(),
-                self.c_in
-            );
-        }
+        let (x, [n, h, w, _]) = input_nhwc(self.name(), storage, layout, self.c_in)?;
         let rows = n * h * w;
-        let panels = self.weights.panels();
-        let plan = Plan::new(rows, BLOCK_ROWS, panels, rayon::current_num_threads());
+        let plan = Plan::new(
+            rows,
+            BLOCK_ROWS,
+            self.weights.panels(),
+            rayon::current_num_threads(),
+        );
         let k = self.weights.k();
         let mut out = vec![0f32; rows * self.c_out];
         let shared = Shared(out.as_mut_ptr());
         let out_len = out.len();
-        (0..plan.blocks * plan.chunks)
-            .into_par_iter()
-            .for_each(|item| {
-                let (blk, chunk) = (item / plan.chunks, item % plan.chunks);
-                let r0 = blk * plan.block;
-                let rn = plan.block.min(rows - r0);
-                let p0 = chunk * plan.panels_per_item;
-                let p1 = (p0 + plan.panels_per_item).min(panels);
-                let (col0, cw) = (p0 * NR, (p1 - p0) * NR);
-                let cols = (p1 * NR).min(self.c_out) - col0;
-                with_scratch(rn * (k + cw), |scratch| {
-                    let (a, prod) = scratch.split_at_mut(rn * k);
-                    self.im2col(x, h, w, r0, a);
-                    // Runs of pixels whose kernel rows on the map are the same: the first kernel
-                    // row of a map's top row of pixels, and the last of its bottom row, fall on
-                    // padding, and those products are skipped (a tenth of a 7×7 map's).
-                    let mut i = 0;
-                    while i < rn {
-                        let (run, taps) = Self::run(h, w, r0 + i, rn - i);
-                        let c3 = 3 * self.c_in;
-                        gemm::gemm_k(
-                            self.isa,
-                            run,
-                            &a[i * k..],
-                            k,
-                            &self.weights,
-                            taps.start * c3..taps.end * c3,
-                            p0..p1,
-                            &mut prod[i * cw..],
-                            cw,
-                            usize::MAX,
-                            Epilogue {
-                                bias: Some(&self.bias),
-                                relu: true,
-                            },
-                        );
-                        i += run;
-                    }
-                    for (i, src) in prod.chunks_exact(cw).enumerate() {
-                        let at = (r0 + i) * self.c_out + col0;
-                        assert!(at + cols <= out_len);
-                        // SAFETY: in bounds (checked), and these pixels' channels `col0..+cols`
-                        // belong to this work item alone (the plan's items are disjoint).
-                        let dst =
-                            unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(at), cols) };
-                        dst.copy_from_slice(&src[..cols]);
-                    }
-                });
+        plan.items().for_each(|(pixels, panels)| {
+            let (r0, rn) = (pixels.start, pixels.len());
+            let cw = panels.len() * NR;
+            with_scratch(rn * (k + cw), |scratch| {
+                let (a, prod) = scratch.split_at_mut(rn * k);
+                im2col(x, [h, w, self.c_in], r0, k, 0.0, a);
+                // Runs of pixels whose kernel rows on the map are the same: the first kernel
+                // row of a map's top row of pixels, and the last of its bottom row, fall on
+                // padding, and those products are skipped (a tenth of a 7×7 map's).
+                let mut i = 0;
+                while i < rn {
+                    let (run, taps) = Self::run(h, w, r0 + i, rn - i);
+                    let c3 = 3 * self.c_in;
+                    gemm::gemm_k(
+                        self.isa,
+                        run,
+                        &a[i * k..],
+                        k,
+                        &self.weights,
+                        taps.start * c3..taps.end * c3,
+                        panels.clone(),
+                        &mut prod[i * cw..],
+                        cw,
+                        usize::MAX,
+                        Epilogue {
+                            bias: Some(&self.bias),
+                            relu: true,
+                        },
+                    );
+                    i += run;
+                }
+                // SAFETY: the plan's items are disjoint; these pixels' channels of `panels`
+                // are this item's alone.
+                unsafe { scatter(shared, out_len, self.c_out, r0, &panels, prod) };
             });
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
     }
 }
@@ -233,37 +244,6 @@ impl DirectConvBf16 {
     pub fn bytes(&self) -> usize {
         self.weights.bytes() + self.bias.len() * 4
     }
-
-    /// Row `i` of `a` (`lda` ≥ 9·c, even): the receptive field of output pixel `r0 + i` of the
-    /// bf16 map `x`, zeros outside the map and in the padding.
-    fn im2col(&self, x: &[u16], h: usize, w: usize, r0: usize, lda: usize, a: &mut [u16]) {
-        let c = self.c_in;
-        for (i, row) in a.chunks_exact_mut(lda).enumerate() {
-            let r = r0 + i;
-            let (img, y, xx) = (r / (h * w), r / w % h, r % w);
-            row[9 * c..].fill(0);
-            for (ky, dst) in row[..9 * c].chunks_exact_mut(3 * c).enumerate() {
-                let iy = (y + ky).wrapping_sub(1);
-                if iy >= h {
-                    dst.fill(0);
-                    continue;
-                }
-                let line = &x[(img * h + iy) * w * c..][..w * c];
-                if xx >= 1 && xx + 1 < w {
-                    dst.copy_from_slice(&line[(xx - 1) * c..][..3 * c]);
-                    continue;
-                }
-                for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
-                    let ix = (xx + kx).wrapping_sub(1);
-                    if ix < w {
-                        d.copy_from_slice(&line[ix * c..][..c]);
-                    } else {
-                        d.fill(0);
-                    }
-                }
-            }
-        }
-    }
 }
 
 impl CustomOp1 for DirectConvBf16 {
@@ -276,14 +256,7 @@ impl CustomOp1 for DirectConvBf16 {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
-        if c != self.c_in {
-            bail!(
-                "{}: input has {c} channels, expected {}",
-                self.name(),
-                self.c_in
-            );
-        }
+        let (x, [n, h, w, _]) = input_nhwc(self.name(), storage, layout, self.c_in)?;
         let rows = n * h * w;
         let lda = self.weights.k().div_ceil(2) * 2;
         // The map in bf16 once: each value goes into up to nine receptive fields.
@@ -291,59 +264,47 @@ impl CustomOp1 for DirectConvBf16 {
         x16.par_chunks_mut(1 << 16)
             .zip(x.par_chunks(1 << 16))
             .for_each(|(d, s)| bf16::to_bf16_slice(s, d));
-        let panels = self.weights.panels();
         // As the f32 conv: blocks of pixels × chunks of output panels, each block's weights
         // read once (at batch 8 on 7×7 maps, blocks of pixels alone read them eight times).
-        let plan = Plan::new(rows, BLOCK_ROWS, panels, rayon::current_num_threads());
+        let plan = Plan::new(
+            rows,
+            BLOCK_ROWS,
+            self.weights.panels(),
+            rayon::current_num_threads(),
+        );
         let mut out = vec![0f32; rows * self.c_out];
         let shared = Shared(out.as_mut_ptr());
         let out_len = out.len();
-        (0..plan.blocks * plan.chunks)
-            .into_par_iter()
-            .for_each(|item| {
-                let (blk, chunk) = (item / plan.chunks, item % plan.chunks);
-                let r0 = blk * plan.block;
-                let rn = plan.block.min(rows - r0);
-                let p0 = chunk * plan.panels_per_item;
-                let p1 = (p0 + plan.panels_per_item).min(panels);
-                let (col0, cw) = (p0 * NR, (p1 - p0) * NR);
-                let cols = (p1 * NR).min(self.c_out) - col0;
-                A16.with(|a| {
-                    let mut a = a.borrow_mut();
-                    if a.len() < rn * lda {
-                        a.resize(rn * lda, 0);
-                    }
-                    let a = &mut a[..rn * lda];
-                    self.im2col(&x16, h, w, r0, lda, a);
-                    with_scratch(rn * cw, |prod| {
-                        bf16::gemm_bf16(
-                            self.avx512,
-                            rn,
-                            a,
-                            lda,
-                            &self.weights,
-                            p0..p1,
-                            prod,
-                            cw,
-                            Epilogue {
-                                bias: Some(&self.bias),
-                                relu: true,
-                            },
-                        );
-                        for (i, src) in prod.chunks_exact(cw).enumerate() {
-                            let at = (r0 + i) * self.c_out + col0;
-                            assert!(at + cols <= out_len);
-                            // SAFETY: in bounds (checked), and these pixels' channels
-                            // `col0..+cols` belong to this work item alone (the plan's items
-                            // are disjoint).
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(shared.ptr().add(at), cols)
-                            };
-                            dst.copy_from_slice(&src[..cols]);
-                        }
-                    });
+        plan.items().for_each(|(pixels, panels)| {
+            let (r0, rn) = (pixels.start, pixels.len());
+            A16.with(|a| {
+                let mut a = a.borrow_mut();
+                if a.len() < rn * lda {
+                    a.resize(rn * lda, 0);
+                }
+                let a = &mut a[..rn * lda];
+                im2col(&x16, [h, w, self.c_in], r0, lda, 0, a);
+                with_scratch(rn * panels.len() * NR, |prod| {
+                    bf16::gemm_bf16(
+                        self.avx512,
+                        rn,
+                        a,
+                        lda,
+                        &self.weights,
+                        panels.clone(),
+                        prod,
+                        panels.len() * NR,
+                        Epilogue {
+                            bias: Some(&self.bias),
+                            relu: true,
+                        },
+                    );
+                    // SAFETY: the plan's items are disjoint; these pixels' channels of
+                    // `panels` are this item's alone.
+                    unsafe { scatter(shared, out_len, self.c_out, r0, &panels, prod) };
                 });
             });
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
     }
 }

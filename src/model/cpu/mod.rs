@@ -29,7 +29,7 @@ mod direct;
 pub mod gemm;
 mod winograd;
 
-use std::cell::RefCell;
+use std::{cell::RefCell, ops::Range};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
@@ -102,6 +102,20 @@ fn input4<'a>(
         bail!("{name}: needs a rank-4 input, got {:?}", layout.dims());
     };
     Ok((&data[start..end], [a, b, c, d]))
+}
+
+/// [`input4`] of an NHWC map that must have `c_in` channels.
+fn input_nhwc<'a>(
+    name: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    c_in: usize,
+) -> candle_core::Result<(&'a [f32], [usize; 4])> {
+    let (x, dims) = input4(name, storage, layout)?;
+    if dims[3] != c_in {
+        bail!("{name}: input has {} channels, expected {c_in}", dims[3]);
+    }
+    Ok((x, dims))
 }
 
 /// Bias zero-padded to whole GEMM panels.
@@ -548,6 +562,7 @@ fn point_stride(len: usize) -> usize {
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     tiles: usize,
+    panels: usize,
     block: usize,
     blocks: usize,
     panels_per_item: usize,
@@ -560,9 +575,9 @@ impl Plan {
     /// Picks the cut with the least traffic (every block reads the weights once; every chunk
     /// prepares the input once) among those with enough items for every thread and blocks of
     /// at most `cap` tiles (or rows).
-    fn new(tiles: usize, cap: usize, panels: usize, threads: usize) -> Self {
+    fn new(tiles: usize, cap: usize, panel_count: usize, threads: usize) -> Self {
         let cap = cap.max(1);
-        let (t, panels) = (tiles.max(1), panels.max(1));
+        let (t, panels) = (tiles.max(1), panel_count.max(1));
         let want = 2 * threads.max(1);
         let fewest = t.div_ceil(cap);
         let (mut best_cost, mut best) = (usize::MAX, (fewest, 1));
@@ -581,11 +596,26 @@ impl Plan {
         let chunks = panels.div_ceil(panels_per_item);
         Self {
             tiles,
+            panels: panel_count,
             block,
             blocks,
             panels_per_item,
             chunks,
         }
+    }
+
+    /// Every work item, in parallel: its tiles (or rows) and its output panels.
+    fn items(self) -> impl ParallelIterator<Item = (Range<usize>, Range<usize>)> {
+        (0..self.blocks * self.chunks)
+            .into_par_iter()
+            .map(move |item| {
+                let t0 = item / self.chunks * self.block;
+                let p0 = item % self.chunks * self.panels_per_item;
+                (
+                    t0..(t0 + self.block).min(self.tiles),
+                    p0..(p0 + self.panels_per_item).min(self.panels),
+                )
+            })
     }
 }
 
@@ -599,14 +629,7 @@ impl CustomOp1 for WinogradConv {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
-        if c != self.c_in {
-            bail!(
-                "{}: input has {c} channels, expected {}",
-                self.name(),
-                self.c_in
-            );
-        }
+        let (x, [n, h, w, _]) = input_nhwc(self.name(), storage, layout, self.c_in)?;
         let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
         let panels = self.u[0].panels();
         let plan = Plan::new(
@@ -624,52 +647,36 @@ impl CustomOp1 for WinogradConv {
         let avx512: Option<()> = None;
         let geometry = Geometry { h, w, th, tw };
         let out_len = out.len();
-        (0..plan.blocks * plan.chunks)
-            .into_par_iter()
-            .for_each(|item| {
-                let (blk, chunk) = (item / plan.chunks, item % plan.chunks);
-                let t0 = blk * plan.block;
-                let tn = plan.block.min(plan.tiles - t0);
-                let p0 = chunk * plan.panels_per_item;
-                let p1 = (p0 + plan.panels_per_item).min(panels);
-                let len =
-                    POINTS * (point_stride(tn * self.c_in_pad) + point_stride(tn * (p1 - p0) * NR));
-                with_scratch(len, |scratch| match (isa, avx512) {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the proof shows AVX-512F, AVX2 and FMA.
-                    (Isa::Avx512, Some(proof)) => unsafe {
-                        self.item_avx512(
-                            proof,
-                            x,
-                            shared,
-                            out_len,
-                            geometry,
-                            t0,
-                            tn,
-                            p0..p1,
-                            scratch,
-                        )
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA were detected (an `Isa` above portable is made only
-                    // where it runs).
-                    (Isa::Avx2Fma | Isa::Avx512, _) => unsafe {
-                        self.item_avx2(x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
-                    },
-                    _ => self.item::<V8>(
-                        (),
-                        isa,
-                        x,
-                        shared,
-                        out_len,
-                        geometry,
-                        t0,
-                        tn,
-                        p0..p1,
-                        scratch,
-                    ),
-                });
+        plan.items().for_each(|(tiles, panels)| {
+            let (t0, tn, p0, p1) = (tiles.start, tiles.len(), panels.start, panels.end);
+            let len =
+                POINTS * (point_stride(tn * self.c_in_pad) + point_stride(tn * (p1 - p0) * NR));
+            with_scratch(len, |scratch| match (isa, avx512) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the proof shows AVX-512F, AVX2 and FMA.
+                (Isa::Avx512, Some(proof)) => unsafe {
+                    self.item_avx512(proof, x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 and FMA were detected (an `Isa` above portable is made only
+                // where it runs).
+                (Isa::Avx2Fma | Isa::Avx512, _) => unsafe {
+                    self.item_avx2(x, shared, out_len, geometry, t0, tn, p0..p1, scratch)
+                },
+                _ => self.item::<V8>(
+                    (),
+                    isa,
+                    x,
+                    shared,
+                    out_len,
+                    geometry,
+                    t0,
+                    tn,
+                    p0..p1,
+                    scratch,
+                ),
             });
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))))
     }
 }
@@ -1024,6 +1031,19 @@ mod tests {
             .unwrap()
     }
 
+    /// `op` (NHWC in and out) on the NCHW `x`, the result back in NCHW, to compare with
+    /// [`reference`].
+    fn on_nhwc(x: &Tensor, op: &impl CustomOp1) -> Tensor {
+        x.permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .apply_op1_no_bwd(op)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+    }
+
     fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
         let scale = b
             .abs()
@@ -1064,15 +1084,7 @@ mod tests {
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
             for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
                 let op = WinogradConv::new(&wv, &bv, co, ci).with_isa(isa);
-                let got = x
-                    .permute((0, 2, 3, 1))
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-                    .apply_op1_no_bwd(&op)
-                    .unwrap()
-                    .permute((0, 3, 1, 2))
-                    .unwrap();
+                let got = on_nhwc(&x, &op);
                 let err = max_rel_err(&got, &want);
                 assert!(err < 1e-5, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
             }
@@ -1101,15 +1113,7 @@ mod tests {
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
             for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
                 let op = DirectConv::new(&wv, &bv, co, ci).with_isa(isa);
-                let got = x
-                    .permute((0, 2, 3, 1))
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-                    .apply_op1_no_bwd(&op)
-                    .unwrap()
-                    .permute((0, 3, 1, 2))
-                    .unwrap();
+                let got = on_nhwc(&x, &op);
                 let err = max_rel_err(&got, &want);
                 assert!(err < 1e-6, "{isa:?} {n}x{ci}->{co} {h}x{w}: rel err {err}");
             }
@@ -1133,15 +1137,7 @@ mod tests {
             for &avx512 in &kernels {
                 let op = DirectConvBf16::new(&wv, &bv, co, ci);
                 let op = if avx512 { op } else { op.portable() };
-                let got = x
-                    .permute((0, 2, 3, 1))
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-                    .apply_op1_no_bwd(&op)
-                    .unwrap()
-                    .permute((0, 3, 1, 2))
-                    .unwrap();
+                let got = on_nhwc(&x, &op);
                 // Inputs and weights rounded to 8 bits of mantissa: up to 2^-8 relative each,
                 // mostly cancelling over the sum.
                 let err = max_rel_err(&got, &want);
@@ -1190,15 +1186,7 @@ mod tests {
         for n in [1, 4] {
             let x = Tensor::from_vec(values(n * ci * 49, 13), (n, ci, 7, 7), &Device::Cpu).unwrap();
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
-            let got = x
-                .permute((0, 2, 3, 1))
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .apply_op1_no_bwd(&op)
-                .unwrap()
-                .permute((0, 3, 1, 2))
-                .unwrap();
+            let got = on_nhwc(&x, &op);
             // Winograd over 512 channels in f32: a few 1e-6 per output, relative to the largest.
             let err = max_rel_err(&got, &want);
             assert!(err < 5e-5, "batch {n}: rel err {err}");
