@@ -52,6 +52,12 @@ fn im2col<T: Copy>(x: &[T], [h, w, c]: [usize; 3], r0: usize, lda: usize, zero: 
     }
 }
 
+/// Element `(row, col)` of the 3×3 kernels `weight` (`[c_out, c_in, 3, 3]`, flattened) as a
+/// `(ky, kx, c_in) × c_out` matrix: the order of the receptive fields [`im2col`] copies.
+fn kernel_matrix(weight: &[f32], c_in: usize) -> impl Fn(usize, usize) -> f32 + '_ {
+    move |row, col| weight[(col * c_in + row % c_in) * 9 + row / c_in]
+}
+
 /// Copies a work item's products (rows of `panels.len() · NR` values from pixel `r0` on) into
 /// their pixels' channels of `panels` in the `[pixels, c_out]` output `out` (`out_len` floats).
 ///
@@ -92,10 +98,7 @@ impl DirectConv {
     pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize) -> Self {
         assert_eq!(weight.len(), c_out * c_in * 9, "DirectConv: weight length");
         assert_eq!(bias.len(), c_out, "DirectConv: bias length");
-        let weights = PackedB::pack(9 * c_in, c_out, |r, col| {
-            let (tap, ci) = (r / c_in, r % c_in);
-            weight[(col * c_in + ci) * 9 + tap]
-        });
+        let weights = PackedB::pack(9 * c_in, c_out, kernel_matrix(weight, c_in));
         Self {
             c_in,
             c_out,
@@ -221,10 +224,7 @@ impl DirectConvBf16 {
             "DirectConvBf16: weight length"
         );
         assert_eq!(bias.len(), c_out, "DirectConvBf16: bias length");
-        let weights = PackedBf16::pack(9 * c_in, c_out, |r, col| {
-            let (tap, ci) = (r / c_in, r % c_in);
-            weight[(col * c_in + ci) * 9 + tap]
-        });
+        let weights = PackedBf16::pack(9 * c_in, c_out, kernel_matrix(weight, c_in));
         Self {
             c_in,
             c_out,

@@ -1066,9 +1066,7 @@ mod tests {
 
     #[test]
     fn winograd_matches_candle_conv_on_ragged_shapes() {
-        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
-            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
-        }
+        let isas = Isa::here_saying_skipped();
         // Odd sizes: partial tiles, channels not a multiple of 8 or 16, odd panel counts (48
         // channels: a pair of panels and one alone), two images.
         for &(n, ci, co, h, w) in &[
@@ -1082,7 +1080,7 @@ mod tests {
             let wv = values(co * ci * 9, 2);
             let bv = values(co, 3);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
-            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for &isa in &isas {
                 let op = WinogradConv::new(&wv, &bv, co, ci).with_isa(isa);
                 let got = on_nhwc(&x, &op);
                 let err = max_rel_err(&got, &want);
@@ -1093,9 +1091,7 @@ mod tests {
 
     #[test]
     fn direct_conv_matches_candle_conv_on_ragged_shapes() {
-        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
-            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
-        }
+        let isas = Isa::here_saying_skipped();
         // Maps of one pixel and one row, channels not a multiple of 8 or 16, odd panel counts,
         // several images (work items across images), and 9·c_in = 603 > KC (two reduction
         // passes, the second adding to the first).
@@ -1111,7 +1107,7 @@ mod tests {
             let wv = values(co * ci * 9, 9);
             let bv = values(co, 10);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
-            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for &isa in &isas {
                 let op = DirectConv::new(&wv, &bv, co, ci).with_isa(isa);
                 let got = on_nhwc(&x, &op);
                 let err = max_rel_err(&got, &want);
@@ -1222,6 +1218,7 @@ mod tests {
 
     #[test]
     fn im2col_conv_matches_candle_conv() {
+        let isas = Isa::here_saying_skipped();
         for &(n, ci, co, h, w, k, s, p) in &[
             (2, 3, 20, 15, 11, 7, 2, 3),
             (1, 2, 16, 6, 6, 3, 1, 1),
@@ -1232,7 +1229,7 @@ mod tests {
             let wv = values(co * ci * k * k, 5);
             let bv = values(co, 6);
             let want = reference(&x, &wv, &bv, (co, ci, k), s, p);
-            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for &isa in &isas {
                 let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p).with_isa(isa);
                 let got = x
                     .apply_op1_no_bwd(&op)
@@ -1262,13 +1259,14 @@ mod tests {
                 pad: 0,
             },
         ];
+        let isas = Isa::here_saying_skipped();
         for &(n, ci, co, h, w) in &[(1, 3, 20, 37, 29), (3, 2, 16, 22, 8), (2, 3, 17, 5, 5)] {
             let x =
                 Tensor::from_vec(values(n * ci * h * w, 14), (n, ci, h, w), &Device::Cpu).unwrap();
             let wv = values(co * ci * 49, 15);
             let bv = values(co, 16);
             for pool in pools {
-                for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+                for &isa in &isas {
                     let conv = Im2colConv::new(&wv, &bv, co, ci, 7, 2, 3).with_isa(isa);
                     let want = x
                         .apply_op1_no_bwd(&conv)
@@ -1290,9 +1288,7 @@ mod tests {
 
     #[test]
     fn max_pool_rows_agree_on_every_kernel_set_with_nans_and_ragged_channels() {
-        for isa in Isa::ALL.into_iter().filter(|i| !i.runs_here()) {
-            println!("SKIPPED: the {} kernels (this CPU lacks them)", isa.name());
-        }
+        let isas = Isa::here_saying_skipped();
         let pool = MaxPool {
             kernel: 3,
             stride: 2,
@@ -1313,7 +1309,7 @@ mod tests {
             };
             let want = run(Isa::Portable);
             assert!(want.iter().any(|v| v.is_nan()) && want.iter().any(|v| !v.is_nan()));
-            for isa in Isa::ALL.into_iter().filter(|i| i.runs_here()) {
+            for &isa in &isas {
                 let got = run(isa);
                 let same = got
                     .iter()
