@@ -18,7 +18,7 @@ use std::{
 };
 
 use candle_core::{Device, Tensor};
-use diracnet::model::cpu::{DirectConv, Isa, WinogradConv};
+use diracnet::model::cpu::{bf16::avx512_bf16, DirectConv, DirectConvBf16, Isa, WinogradConv};
 
 /// Median milliseconds of `f` over `seconds` (at least 10 runs), each run after `flush`
 /// (untimed) when one is given.
@@ -82,10 +82,19 @@ fn main() {
             "cold (flushed before each run, as in a forward pass)"
         }
     );
-    println!(
+    // bf16 columns where the CPU runs the bf16 kernel (`--dtype bf16`).
+    let bf16 = avx512_bf16() && Isa::detect() == Isa::Avx512;
+    print!(
         "{:>5} {:>5} {:>5} {:>4} | {:>9} {:>7} | {:>9} {:>7} | faster",
         "side", "c_in", "c_out", "n", "wino ms", "GFLOP/s", "direct ms", "GFLOP/s"
     );
+    if bf16 {
+        print!(
+            "   | {:>9} {:>7} | {:>9} {:>7} | faster in bf16",
+            "wino16 ms", "GFLOP/s", "dir16 ms", "GFLOP/s"
+        );
+    }
+    println!();
     // (side, c_in, c_out): every distinct 3×3 layer of DiracNet-18 and -34.
     let shapes = [
         (56, 64, 64),
@@ -101,6 +110,7 @@ fn main() {
         let b = values(co, 2);
         let wino = WinogradConv::new(&w, &b, co, ci);
         let direct = DirectConv::new(&w, &b, co, ci);
+        let bf16s = bf16.then(|| (wino.clone().bf16(), DirectConvBf16::new(&w, &b, co, ci)));
         for &n in &batches {
             let x = Tensor::from_vec(
                 values(n * side * side * ci, 3),
@@ -116,12 +126,27 @@ fn main() {
                 x.apply_op1_no_bwd(&direct).expect("direct")
             });
             let gflop = 2.0 * 9.0 * (ci * co * side * side * n) as f64 / 1e9;
-            println!(
-                "{side:>5} {ci:>5} {co:>5} {n:>4} | {tw:>9.3} {:>7.0} | {td:>9.3} {:>7.0} | {}",
+            print!(
+                "{side:>5} {ci:>5} {co:>5} {n:>4} | {tw:>9.3} {:>7.0} | {td:>9.3} {:>7.0} | {:<8}",
                 gflop / tw * 1e3,
                 gflop / td * 1e3,
                 if td < tw { "direct" } else { "winograd" }
             );
+            if let Some((wino16, direct16)) = &bf16s {
+                let tw = time(seconds, flush.as_deref(), || {
+                    x.apply_op1_no_bwd(wino16).expect("winograd bf16")
+                });
+                let td = time(seconds, flush.as_deref(), || {
+                    x.apply_op1_no_bwd(direct16).expect("direct bf16")
+                });
+                print!(
+                    " | {tw:>9.3} {:>7.0} | {td:>9.3} {:>7.0} | {}",
+                    gflop / tw * 1e3,
+                    gflop / td * 1e3,
+                    if td < tw { "direct" } else { "winograd" }
+                );
+            }
+            println!();
         }
     }
 }

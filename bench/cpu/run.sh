@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# CPU comparison of `diracnet bench` with ONNX Runtime (and PyTorch channels_last).
+# CPU comparison of `diracnet bench` with ONNX Runtime (and PyTorch channels_last, OpenVINO).
 #
-#   bench/cpu/run.sh [--binary PATH] [--with-torch | --torch-python PY] [--python PY]
+#   bench/cpu/run.sh [--binary PATH] [--with-torch | --torch-python PY] [--openvino] [--python PY]
 #                    [--seconds S] [--rounds R] [--depth 18|34|both] [--batches 1,8,32]
 #                    [--threads T] [--conv-impl fast[,winograd,direct,candle]|default] [--warmup N]
 #                    [--bf16] [--no-ours] [--no-ort] [--skip-check] [--out DIR]
@@ -10,6 +10,10 @@
 # - --with-torch also installs torch into that venv (from PyPI; set TORCH_EXTRA_INDEX_URL,
 #   e.g. https://download.pytorch.org/whl/cpu, for the small CPU-only wheel), or use
 #   --torch-python to take PyTorch from another Python (it needs torch and numpy only).
+# - --openvino installs openvino into that venv (from PyPI) and adds it as a system; it runs the
+#   same ONNX file as ONNX Runtime.
+# - --bf16 adds `diracnet --dtype bf16` (a CPU with AVX512-BF16), and PyTorch bf16 / OpenVINO
+#   bf16 when those are in the run; their logits are held to 1.5 % of the largest, not 1e-3.
 # - Without --binary, builds `cargo build --release --bin diracnet` first.
 # - Writes DN18/DN34 random weights (safetensors) and the same networks as ONNX into
 #   bench/out/cpu/models (reused), checks every system's logits against a NumPy float64
@@ -24,6 +28,7 @@ venv="$here/.venv"
 python="${PYTHON:-python3}"
 binary=""
 with_torch=0
+openvino=0
 torch_python=""
 args=()
 
@@ -34,6 +39,7 @@ while (($#)); do
     --with-torch) with_torch=1; shift ;;
     --torch-python) torch_python="$2"; shift 2 ;;
     --torch-python=*) torch_python="${1#*=}"; shift ;;
+    --openvino) openvino=1; args+=("$1"); shift ;;
     --python) python="$2"; shift 2 ;;
     --python=*) python="${1#*=}"; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -48,6 +54,9 @@ fi
 if ! "$venv/bin/python" -c 'import onnxruntime, onnx, numpy, safetensors' 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install -r "$here/requirements.txt"
+fi
+if ((openvino)) && ! "$venv/bin/python" -c 'import openvino' 2>/dev/null; then
+  "$venv/bin/python" -m pip install openvino
 fi
 if ((with_torch)) && [[ -z "$torch_python" ]]; then
   if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then

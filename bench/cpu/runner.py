@@ -1,7 +1,15 @@
-"""One measurement of ONNX Runtime or PyTorch, in this (fresh) process.
+"""One measurement of ONNX Runtime, PyTorch or OpenVINO, in this (fresh) process.
 
-    python runner.py ort   --model dn18.onnx        --batch 8 --threads 2 --seconds 6 --warmup 3
-    python runner.py torch --model dn18.safetensors --batch 8 --threads 2 --seconds 6 --warmup 3
+    python runner.py ort           --model dn18.onnx        --batch 8 --threads 2 --seconds 6
+    python runner.py torch         --model dn18.safetensors --batch 8 --threads 2 --seconds 6
+    python runner.py torch-bf16    --model dn18.safetensors --batch 8 --threads 2 --seconds 6
+    python runner.py openvino      --model dn18.onnx        --batch 8 --threads 2 --seconds 6
+    python runner.py openvino-bf16 --model dn18.onnx        --batch 8 --threads 2 --seconds 6
+
+`torch` runs channels_last in f32, `torch-bf16` the same with model and input in bf16 (oneDNN's
+bf16 kernels: AMX or AVX512-BF16 where the CPU has them). `openvino` reads the ONNX file with
+its shapes fixed to the batch, on the CPU plugin with the latency hint and
+INFERENCE_PRECISION_HINT f32; `openvino-bf16` with bf16 (OpenVINO's default on AMX CPUs).
 
 Prints one JSON line with the fields of `diracnet bench --json` (model, batch, threads,
 img_per_s_median/min/max, iterations, peak_rss_mib) plus system, version, warmup, seconds
@@ -85,7 +93,7 @@ def depth_of(weights):
     raise ValueError(f"{n} 3x3 convs: neither DiracNet-18 nor -34")
 
 
-def make_torch(model, threads, channels_last=True):
+def make_torch(model, threads, channels_last=True, bf16=False):
     import torch
 
     import dnet
@@ -95,19 +103,50 @@ def make_torch(model, threads, channels_last=True):
     weights = dnet.read_safetensors(model)
     net = torch_module(depth_of(weights), weights)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    net = net.to(dtype=dtype, memory_format=fmt)
 
     def run(x):
         with torch.inference_mode():
-            t = torch.from_numpy(x).contiguous(memory_format=fmt)
-            return net(t).numpy()
+            t = torch.from_numpy(x).to(dtype).contiguous(memory_format=fmt)
+            return net(t).float().numpy()
 
-    return run, f"torch {torch.__version__}" + (" channels_last" if channels_last else "")
+    return run, (f"torch {torch.__version__}" + (" channels_last" if channels_last else "")
+                 + (" bf16" if bf16 else ""))
+
+
+def make_openvino(model, threads, precision):
+    """OpenVINO's CPU plugin on the ONNX file, compiled for each input shape on first use
+    (static shapes, as a deployment would; ONNX Runtime takes the dynamic batch as it is)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": precision}
+    compiled = {}
+
+    def compile_for(shape):
+        m = core.read_model(model)
+        m.reshape({m.inputs[0].any_name: list(shape)})
+        c = core.compile_model(m, "CPU", config)
+        got = str(c.get_property("INFERENCE_PRECISION_HINT"))  # e.g. "<type: 'bfloat16'>"
+        if {"f32": "float32", "bf16": "bfloat16"}[precision] not in got:
+            sys.exit(f"OpenVINO runs {got}, not {precision}, on this CPU")
+        return c.create_infer_request(), c.output(0)
+
+    def run(x):
+        if x.shape not in compiled:
+            compiled[x.shape] = compile_for(x.shape)
+        req, out = compiled[x.shape]
+        return req.infer({0: x})[out]
+
+    return run, f"openvino {ov.__version__} {precision}"
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("system", choices=["ort", "torch", "torch-nchw"])
+    ap.add_argument("system", choices=["ort", "torch", "torch-nchw", "torch-bf16", "openvino",
+                                       "openvino-bf16"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -116,18 +155,24 @@ def main():
     ap.add_argument("--min-iters", type=int, default=5)
     ap.add_argument("--check", nargs=2, metavar=("INPUT_NPY", "LOGITS_NPY"),
                     help="instead of timing: run INPUT_NPY once, print max |d logit| against LOGITS_NPY")
+    ap.add_argument("--tolerance", type=float, default=1e-3,
+                    help="--check's bound on max |d logit|, relative to the largest |logit| (default 1e-3)")
     a = ap.parse_args()
 
     if a.system == "ort":
         run, version = make_ort(a.model, a.threads)
+    elif a.system.startswith("openvino"):
+        run, version = make_openvino(a.model, a.threads, "bf16" if a.system.endswith("bf16") else "f32")
     else:
-        run, version = make_torch(a.model, a.threads, channels_last=(a.system == "torch"))
+        run, version = make_torch(a.model, a.threads, channels_last=(a.system != "torch-nchw"),
+                                  bf16=a.system.endswith("bf16"))
 
     if a.check:
         x, ref = np.load(a.check[0]), np.load(a.check[1])
         got = run(x)
         err = float(np.abs(got - ref).max())
-        ok = err <= 1e-3 * max(float(np.abs(ref).max()), 1.0) and bool((got.argmax(1) == ref.argmax(1)).all())
+        ok = (err <= a.tolerance * max(float(np.abs(ref).max()), 1.0)
+              and bool((got.argmax(1) == ref.argmax(1)).all()))
         print(json.dumps({"system": a.system, "model": os.path.basename(a.model), "version": version,
                           "max_abs_diff": err, "ok": ok}), flush=True)
         sys.exit(0 if ok else 1)

@@ -55,7 +55,8 @@ pub struct ModelArgs {
     )]
     pub conv_impl: ConvImpl,
     /// Compute dtype: auto (f16 on CUDA, f32 on CPU), f32, f16 or bf16. On the CPU, f16 needs
-    /// `--conv-impl candle`, and bf16 a CPU with AVX512-BF16 (the fast path's bf16 direct conv).
+    /// `--conv-impl candle`, and bf16 a CPU with AVX512-BF16 (the fast path's convs with bf16
+    /// products).
     #[arg(
         long,
         env = "DIRACNET_DTYPE",

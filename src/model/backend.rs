@@ -79,7 +79,7 @@ pub struct Backend {
 
 impl Backend {
     /// Resolves `auto` choices for `device` and refuses combinations that cannot run: the fast
-    /// path is CPU-only and f32, or bf16 on a CPU with AVX512-BF16 (its direct conv only).
+    /// path is CPU-only and f32, or bf16 on a CPU with AVX512-BF16.
     pub fn new(device: Device, conv: ConvImpl, precision: Precision) -> Result<Self, ModelError> {
         let cuda = device.is_cuda();
         let dtype = match precision {
@@ -113,43 +113,45 @@ impl Backend {
         })
     }
 
-    /// `--dtype bf16` on the CPU: the fast path's bf16 direct conv, where the CPU has
+    /// `--dtype bf16` on the CPU: the fast path's convs with bf16 products, where the CPU has
     /// AVX512-BF16 (candle's CPU matmul has no bf16 kernel).
     fn cpu_bf16(conv: ConvImpl) -> Result<Self, ModelError> {
-        match conv {
-            ConvImpl::Auto | ConvImpl::Fast if cpu::bf16::avx512_bf16() => Ok(Self {
-                device: Device::Cpu,
-                conv: ConvImpl::Fast,
-                dtype: DType::BF16,
-            }),
-            ConvImpl::Auto | ConvImpl::Fast => Err(ModelError::Backend(
-                "--dtype bf16 on the CPU needs AVX512-BF16 (the avx512_bf16 flag in lscpu, with \
-                 --cpu-isa auto or avx512), which this CPU lacks or --cpu-isa excludes; use f32 \
-                 here, or bf16 on a CUDA device"
-                    .into(),
-            )),
-            ConvImpl::Candle => Err(ModelError::Backend(
-                "--dtype bf16 on the CPU runs on the fast path only (candle's CPU matmul has no \
-                 bf16 kernel): use --conv-impl fast, or a CUDA device"
-                    .into(),
-            )),
-            other => Err(ModelError::Backend(format!(
-                "--dtype bf16 on the CPU runs its own bf16 direct conv; --conv-impl {other} \
-                 forces an f32 algorithm: use --conv-impl fast"
-            ))),
-        }
+        let conv =
+            match conv {
+                ConvImpl::Candle => return Err(ModelError::Backend(
+                    "--dtype bf16 on the CPU runs on the fast path only (candle's CPU matmul has \
+                     no bf16 kernel): use --conv-impl fast, or a CUDA device"
+                        .into(),
+                )),
+                _ if !cpu::bf16::avx512_bf16() => return Err(ModelError::Backend(
+                    "--dtype bf16 on the CPU needs AVX512-BF16 (the avx512_bf16 flag in lscpu, \
+                     with --cpu-isa auto or avx512), which this CPU lacks or --cpu-isa \
+                     excludes; use f32 here, or bf16 on a CUDA device"
+                        .into(),
+                )),
+                ConvImpl::Auto => ConvImpl::Fast,
+                fast => fast,
+            };
+        Ok(Self {
+            device: Device::Cpu,
+            conv,
+            dtype: DType::BF16,
+        })
     }
 
     /// The 3×3 algorithm for layers on `side × side` maps (`None`: candle's conv).
     pub fn conv_algo(&self, side: usize) -> Option<cpu::Algo> {
-        match self.conv {
-            // bf16 runs on the fast path only (`Backend::new`), as its direct conv.
-            _ if self.dtype == DType::BF16 && self.conv.is_fast() => Some(cpu::Algo::Bf16),
-            ConvImpl::Fast => Some(cpu::Algo::BySize { side }),
-            ConvImpl::Winograd => Some(cpu::Algo::Winograd),
-            ConvImpl::Direct => Some(cpu::Algo::Direct),
-            ConvImpl::Auto | ConvImpl::Candle => None,
-        }
+        let pick = match self.conv {
+            ConvImpl::Fast => cpu::Pick::BySize { side },
+            ConvImpl::Winograd => cpu::Pick::Winograd,
+            ConvImpl::Direct => cpu::Pick::Direct,
+            ConvImpl::Auto | ConvImpl::Candle => return None,
+        };
+        // bf16 runs on the fast path only (`Backend::new`).
+        Some(cpu::Algo {
+            pick,
+            bf16: self.dtype == DType::BF16,
+        })
     }
 
     /// The CPU, fast path, f32: the default for tests and tools.
@@ -195,18 +197,23 @@ impl Backend {
     /// The convolution implementation in words, e.g. `fast (winograd f4x4 + direct, avx512)`
     /// or `fast (winograd f4x4, avx2+fma)`.
     pub fn conv_description(&self) -> String {
-        let isa = cpu::isa().name();
+        let isa = self.isa().unwrap_or_default();
+        let bf16 = self.dtype == DType::BF16;
+        let products = if bf16 {
+            "bf16 products, f32 sums, "
+        } else {
+            ""
+        };
         match self.conv {
-            ConvImpl::Fast if self.dtype == DType::BF16 => {
-                "fast (direct bf16, f32 sums, avx512_bf16)".to_string()
-            }
-            // The direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
-            ConvImpl::Fast if cpu::isa() == cpu::Isa::Avx512 => {
-                format!("fast (winograd f4x4 + direct, {isa})")
+            // The f32 direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
+            ConvImpl::Fast if bf16 || cpu::isa() == cpu::Isa::Avx512 => {
+                format!("fast (winograd f4x4 + direct, {products}{isa})")
             }
             ConvImpl::Fast => format!("fast (winograd f4x4, {isa})"),
-            ConvImpl::Winograd => format!("winograd (fast path, f4x4 only, {isa})"),
-            ConvImpl::Direct => format!("direct (fast path, im2col + gemm only, {isa})"),
+            ConvImpl::Winograd => format!("winograd (fast path, f4x4 only, {products}{isa})"),
+            ConvImpl::Direct => {
+                format!("direct (fast path, im2col + gemm only, {products}{isa})")
+            }
             other => other.to_string(),
         }
     }
@@ -226,15 +233,22 @@ mod tests {
         assert!(e.to_string().contains("--conv-impl candle"), "{e}");
         let e = Backend::new(Device::Cpu, ConvImpl::Candle, Precision::Bf16).unwrap_err();
         assert!(e.to_string().contains("--conv-impl fast"), "{e}");
-        let e = Backend::new(Device::Cpu, ConvImpl::Winograd, Precision::Bf16).unwrap_err();
-        assert!(e.to_string().contains("--conv-impl fast"), "{e}");
         // bf16 on the CPU: the fast path where AVX512-BF16 runs, else an error naming it.
         match Backend::new(Device::Cpu, ConvImpl::Auto, Precision::Bf16) {
             Ok(b) => {
                 assert!(cpu::bf16::avx512_bf16());
                 assert_eq!((b.conv(), b.dtype()), (ConvImpl::Fast, DType::BF16));
                 assert_eq!(b.isa(), Some("avx512_bf16"));
-                assert_eq!(b.conv_algo(7), Some(cpu::Algo::Bf16));
+                let algo = cpu::Algo {
+                    pick: cpu::Pick::BySize { side: 7 },
+                    bf16: true,
+                };
+                assert_eq!(b.conv_algo(7), Some(algo));
+                let b = Backend::new(Device::Cpu, ConvImpl::Winograd, Precision::Bf16).unwrap();
+                assert_eq!(
+                    b.conv_algo(7).map(|a| (a.pick, a.bf16)),
+                    Some((cpu::Pick::Winograd, true))
+                );
             }
             Err(e) => {
                 assert!(!cpu::bf16::avx512_bf16());

@@ -14,13 +14,17 @@
 use super::gemm::{Epilogue, NR};
 
 /// f32 → bf16, rounding to nearest, ties to even (as `vcvtne2ps2bf16`); NaN stays NaN.
+/// Branch-free, so that loops of it vectorise.
+#[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet = ((bits >> 16) as u16) | 0x40;
     if x.is_nan() {
-        return ((bits >> 16) as u16) | 0x40; // quiet
+        quiet
+    } else {
+        rounded
     }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
 }
 
 /// [`to_bf16`] of every value of `src` into `dst` (as long), compiled for AVX-512 where the
@@ -48,10 +52,7 @@ unsafe fn to_bf16_slice_avx512(src: &[f32], dst: &mut [u16]) {
 #[inline(always)]
 fn to_bf16_slice_portable(src: &[f32], dst: &mut [u16]) {
     for (d, &x) in dst.iter_mut().zip(src) {
-        let bits = x.to_bits();
-        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-        let quiet = ((bits >> 16) as u16) | 0x40;
-        *d = if x.is_nan() { quiet } else { rounded };
+        *d = to_bf16(x);
     }
 }
 

@@ -240,6 +240,11 @@ impl DirectConvBf16 {
         self
     }
 
+    /// Output channels.
+    pub fn c_out(&self) -> usize {
+        self.c_out
+    }
+
     /// Bytes of packed weights.
     pub fn bytes(&self) -> usize {
         self.weights.bytes() + self.bias.len() * 4

@@ -62,6 +62,12 @@ impl PackedB {
         self.data[(col / NR * self.k + row) * NR + col % NR] = value;
     }
 
+    /// Element `(row, col)`.
+    pub fn get(&self, row: usize, col: usize) -> f32 {
+        assert!(row < self.k && col < self.n, "PackedB::get out of range");
+        self.data[(col / NR * self.k + row) * NR + col % NR]
+    }
+
     /// Rows (the reduction length).
     pub fn k(&self) -> usize {
         self.k

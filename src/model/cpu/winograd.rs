@@ -16,8 +16,18 @@
 //! register), so they vectorise; the channel mixes run on the packed GEMM of [`super::gemm`].
 //! Points are Lavin & Gray's (0, ±1, ±2, ∞); in f32 the result differs from a direct conv by a
 //! few 1e-7 relative per layer.
+//!
+//! With `--dtype bf16` the transforms still run in f32, and `V` and `U` are rounded to bf16 for
+//! the channel mixes, which sum in f32 on [`super::bf16`]'s product. Rounding the transformed
+//! values costs more than rounding a direct conv's inputs: the output transform sums products
+//! with weights up to 8 into values far smaller. Measured: up to 7 % of a layer's largest
+//! output on a few random channels (the direct conv in bf16: 0.2 %), and over whole networks
+//! 0.8 % of the largest logit on the fixture model (direct alone: 0.3 %), within the 1.5 % that
+//! `tests/weights.rs` holds `--dtype bf16` to.
 
 use std::ops::{Add, Mul, Neg, Sub};
+
+use super::bf16::to_bf16;
 
 /// Output pixels per tile side.
 pub const M: usize = 4;
@@ -43,6 +53,9 @@ pub trait Lanes:
     fn load(proof: Self::Proof, s: &[f32]) -> Self;
     /// Stores the first `min(d.len(), N)` lanes.
     fn store(self, d: &mut [f32]);
+    /// Stores the first `min(d.len(), N)` lanes rounded to bf16 ([`to_bf16`]: nearest, ties to
+    /// even; NaN stays NaN).
+    fn store_bf16(self, d: &mut [u16]);
     /// Lane-wise max with zero.
     fn relu(self) -> Self;
 }
@@ -82,6 +95,13 @@ impl Lanes for V8 {
                 let n = d.len();
                 d.copy_from_slice(&self.0[..n]);
             }
+        }
+    }
+
+    #[inline(always)]
+    fn store_bf16(self, d: &mut [u16]) {
+        for (d, &x) in d.iter_mut().zip(&self.0) {
+            *d = to_bf16(x);
         }
     }
 
@@ -198,6 +218,25 @@ mod avx512 {
             // SAFETY: a `V16` exists only where AVX-512F does (its proof); the masked store
             // writes only the first `min(len, 16)` floats, all inside `d`.
             unsafe { _mm512_mask_storeu_ps(d.as_mut_ptr(), first(d.len()), self.0) }
+        }
+
+        #[inline(always)]
+        fn store_bf16(self, d: &mut [u16]) {
+            // SAFETY: a `V16` exists only where AVX-512F does (its proof); the masked store
+            // writes only the first `min(len, 16)` values, all inside `d`.
+            unsafe {
+                // As `to_bf16`: add 0x7fff plus the lowest kept bit, keep the high half; a NaN
+                // keeps its high half with the quiet bit set.
+                let bits = _mm512_castps_si512(self.0);
+                let high = _mm512_srli_epi32::<16>(bits);
+                let odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+                let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+                let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let halves = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                _mm512_mask_cvtepi32_storeu_epi16(d.as_mut_ptr().cast(), first(d.len()), halves)
+            }
         }
 
         #[inline(always)]
@@ -390,6 +429,36 @@ mod tests {
         let mut short = [9f32; 3];
         v.store(&mut short);
         assert_eq!(&short, &vals[..3]);
+        // Rounding to bf16 (the bf16 Winograd's stores): each lane as `to_bf16`, with ties,
+        // NaNs, infinities, subnormals and values that round to infinity; partial stores
+        // write only their length.
+        let mut special: Vec<f32> = vals[..6].to_vec();
+        special.extend([
+            1.0 + 1.0 / 256.0,
+            f32::from_bits(0x3f81_8000),
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::MAX,
+            -0.0,
+            1e-40,
+            f32::from_bits(0x7f80_0001),
+            -3.0e38,
+        ]);
+        let v = V16::load(proof, &special);
+        for len in [16, 9, 8, 1] {
+            let mut got = [7u16; 17];
+            v.store_bf16(&mut got[..len]);
+            let mut want = [7u16; 17];
+            V8::load((), &special[..8]).store_bf16(&mut want[..len.min(8)]);
+            if len > 8 {
+                V8::load((), &special[8..]).store_bf16(&mut want[8..len]);
+            }
+            assert_eq!(got, want, "{len} lanes");
+            for (g, &x) in got[..len].iter().zip(&special) {
+                assert_eq!(*g, to_bf16(x), "{x}");
+            }
+        }
     }
 
     /// One channel: the transforms reproduce a direct 3×3 correlation on a 6×6 patch.
