@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use crate::{
     model::{Backend, DiracNet, ModelError},
     prediction::{top_k, Prediction},
-    registry::{Labels, ModelSpec},
+    registry::{Labels, ModelSpec, Published, Source},
     tensor::{INPUT_CHANNELS, INPUT_LEN, INPUT_SIZE},
     weights::{self, ResolvedWeights, WeightsError, WeightsOptions},
 };
@@ -23,6 +23,8 @@ pub struct Classifier {
     pub labels: Option<Labels>,
     /// Where the weights came from.
     pub weights: ResolvedWeights,
+    /// The authors' accuracy, for a registry model that has it.
+    pub published: Option<Published>,
 }
 
 /// Errors loading a classifier.
@@ -67,11 +69,16 @@ impl Classifier {
                     cause,
                 })?;
         let labels = Labels::for_model(&spec.source, model.architecture().classes);
+        let published = match &spec.source {
+            Source::Registry(entry) => entry.published(),
+            Source::Url(_) | Source::File(_) => None,
+        };
         Ok(Self {
             name: spec.name.clone(),
             model,
             labels,
             weights,
+            published,
         })
     }
 

@@ -23,6 +23,9 @@
 //!    authors' OpenCV evaluation pipeline.
 //! 6. [`batcher`] — dynamic batching: a bounded queue per model, a batching task, a compute
 //!    thread. It knows nothing of HTTP or of the model (it is given a compute function).
+//!    [`stream`] — the command line's counterpart for many files: walked folders, preprocessed
+//!    a chunk ahead on worker threads, in input order, with flat memory; [`eval`] — labelled
+//!    image sets (ImageFolder, ImageNet's ground-truth CSV) and top-1 / top-5 counts.
 //! 7. [`server`] — the HTTP API over all of it.
 //!
 //! The `diracnet` binary (`src/main.rs`, one file per subcommand in `src/cmd/`) is the
@@ -31,6 +34,7 @@
 pub mod batcher;
 pub mod classifier;
 pub mod device;
+pub mod eval;
 pub mod hub;
 pub mod memory;
 pub mod model;
@@ -41,5 +45,6 @@ pub mod preprocess;
 pub mod priority;
 pub mod registry;
 pub mod server;
+pub mod stream;
 pub mod tensor;
 pub mod weights;

@@ -79,6 +79,12 @@ enum Command {
         after_help = "Examples:\n  diracnet classify cat.jpg dog.png\n  diracnet classify --model diracnet34 --json --logits cat.jpg\n  diracnet classify --offline --cache-dir /data batch.npy"
     )]
     Classify(cmd::classify::ClassifyArgs),
+    /// Top-1 / top-5 accuracy on a labelled folder of images (ImageFolder, or flat with
+    /// ImageNet's ground-truth CSV), to check the published figures.
+    #[command(
+        after_help = "Examples:\n  diracnet eval ~/imagenet/val\n  diracnet eval --ground-truth LOC_val_solution.csv --limit 5000 ~/ILSVRC/Data/CLS-LOC/val\n  diracnet eval --model diracnet34 --json --predictions preds.jsonl ~/imagenet/val\n\nImageFolder: DIR/<class>/<image>, the class folder named by its WordNet id (ImageNet models:\nn01440764, ...) or class index. Images that cannot be read are counted and skipped."
+    )]
+    Eval(cmd::eval::EvalArgs),
     /// List the models of the built-in registry.
     Models,
     /// Measure the model's raw throughput on random input (no HTTP, no preprocessing).
@@ -120,9 +126,14 @@ fn main() {
     let result = runtime.block_on(run(cli.command));
     // Do not wait on blocking work left running (e.g. a warm-up interrupted by SIGTERM).
     runtime.shutdown_timeout(Duration::from_millis(500));
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => {}
+        // The reader of stdout went away (`| head`): nothing left to say.
+        Err(e) if cmd::output::is_closed(&e) => {}
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -176,6 +187,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Convert(args) => cmd::convert::run(&args),
         Command::Preprocess(args) => cmd::preprocess::run(&args),
         Command::Classify(args) => cmd::classify::run(&args).await,
+        Command::Eval(args) => cmd::eval::run(&args).await,
         Command::Models => cmd::models::run(),
         Command::Bench(args) => cmd::bench::run(&args).await,
     }

@@ -1,5 +1,6 @@
-//! Minimal `.npy` (NumPy format 1.0–3.0) for float32 C-order arrays: the CLI's way of taking
-//! and giving preprocessed tensors. The header is checked against the file size before any
+//! Minimal `.npy` (NumPy format 1.0–3.0) for little-endian C-order arrays of float32, float64
+//! (read as float32) and uint8: the CLI's way of taking and giving preprocessed tensors, and of
+//! taking images as pixel arrays. The header is checked against the file size before any
 //! allocation, so a lying header is an error, not an out-of-memory abort.
 
 use std::{
@@ -32,8 +33,42 @@ pub enum NpyError {
     },
 }
 
-/// Reads a little-endian float32, C-order `.npy` file.
+/// The values of a `.npy` array read by [`read`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum NpyData {
+    /// float32, or float64 rounded to float32.
+    F32(Vec<f32>),
+    /// uint8.
+    U8(Vec<u8>),
+}
+
+/// A C-order array read from a `.npy` file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// The values, `shape`'s product of them.
+    pub data: NpyData,
+}
+
+/// Reads a little-endian, C-order `.npy` file of float32, float64 or uint8.
 pub fn read_f32(path: &Path) -> Result<HostTensor, NpyError> {
+    let a = read(path)?;
+    match a.data {
+        NpyData::F32(data) => Ok(HostTensor {
+            shape: a.shape,
+            data,
+        }),
+        NpyData::U8(_) => Err(NpyError::Format {
+            path: path.to_path_buf(),
+            reason: "dtype uint8; expected float32 ('<f4') or float64 ('<f8')".into(),
+        }),
+    }
+}
+
+/// Reads a little-endian, C-order `.npy` file of float32 (`<f4`), float64 (`<f8`, rounded to
+/// float32) or uint8 (`|u1`).
+pub fn read(path: &Path) -> Result<NpyArray, NpyError> {
     let io = |cause| NpyError::Io {
         path: path.to_path_buf(),
         cause,
@@ -81,9 +116,16 @@ pub fn read_f32(path: &Path) -> Result<HostTensor, NpyError> {
         Some(rest[..end].trim().trim_matches('\'').to_string())
     };
     let descr = field("descr").ok_or_else(|| bad("header lacks 'descr'".into()))?;
-    if descr != "<f4" {
-        return Err(bad(format!("dtype {descr:?}; expected float32 ('<f4')")));
-    }
+    let size: u64 = match descr.as_str() {
+        "<f4" => 4,
+        "<f8" => 8,
+        "|u1" | "<u1" => 1,
+        _ => {
+            return Err(bad(format!(
+                "dtype {descr:?}; expected float32 ('<f4'), float64 ('<f8') or uint8 ('|u1')"
+            )))
+        }
+    };
     if field("fortran_order").as_deref() != Some("False") {
         return Err(bad("Fortran-order arrays are not supported".into()));
     }
@@ -100,19 +142,36 @@ pub fn read_f32(path: &Path) -> Result<HostTensor, NpyError> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| bad("shape overflows".into()))?;
-    let want = offset + header_len + 4 * numel as u64;
+    let want = (numel as u64)
+        .checked_mul(size)
+        .and_then(|n| n.checked_add(offset + header_len))
+        .ok_or_else(|| bad("shape overflows".into()))?;
     if file_len != want {
         return Err(bad(format!(
             "shape {shape:?} needs {want} bytes, file has {file_len}"
         )));
     }
-    let mut bytes = vec![0u8; 4 * numel];
+    let mut bytes = vec![0u8; numel * size as usize];
     f.read_exact(&mut bytes).map_err(io)?;
-    let data = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(HostTensor { shape, data })
+    let data = match size {
+        4 => NpyData::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        8 => NpyData::F32(
+            bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let b: [u8; 8] = std::array::from_fn(|i| c[i]);
+                    f64::from_le_bytes(b) as f32
+                })
+                .collect(),
+        ),
+        _ => NpyData::U8(bytes),
+    };
+    Ok(NpyArray { shape, data })
 }
 
 /// Reads a batch of preprocessed network inputs, `[N, 3, 224, 224]` float32 (see
@@ -195,8 +254,36 @@ mod tests {
         std::fs::write(&p, b"not numpy at all").unwrap();
         assert!(read_f32(&p).unwrap_err().to_string().contains("bad magic"));
 
-        std::fs::write(&p, edit(b"<f4", b"|u1")).unwrap();
+        std::fs::write(&p, edit(b"<f4", b">f4")).unwrap();
         assert!(read_f32(&p).unwrap_err().to_string().contains("float32"));
+
+        // uint8: the same header with one byte per value (24 values → 24 bytes of data).
+        let mut u8s = edit(b"<f4", b"|u1");
+        u8s.truncate(u8s.len() - 3 * 24);
+        std::fs::write(&p, &u8s).unwrap();
+        let a = read(&p).unwrap();
+        assert_eq!(a.shape, [2, 3, 4]);
+        assert_eq!(
+            a.data,
+            NpyData::U8(bytes[bytes.len() - 96..][..24].to_vec())
+        );
+        assert!(read_f32(&p).unwrap_err().to_string().contains("uint8"));
+    }
+
+    #[test]
+    fn float64_arrays_read_as_float32() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.npy");
+        write_f32(&p, &[2], &[0.0, 0.0]).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.windows(3).position(|w| w == b"<f4").unwrap();
+        bytes[at..at + 3].copy_from_slice(b"<f8");
+        bytes.truncate(bytes.len() - 8);
+        bytes.extend(0.1f64.to_le_bytes());
+        bytes.extend((-2.5f64).to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let a = read_f32(&p).unwrap();
+        assert_eq!(a.data, [0.1f32, -2.5]);
     }
 
     #[test]

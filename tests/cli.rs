@@ -50,6 +50,9 @@ fn models_lists_the_registry() {
         assert!(s.contains(name), "{s}");
     }
     assert!(s.contains("diracnet18v2folded-a2174e15.pth"));
+    // The published accuracy, which `diracnet eval` checks.
+    assert!(s.contains("30.37 % top-1 / 10.88 % top-5"), "{s}");
+    assert!(s.contains("27.79 % top-1 / 9.34 % top-5"), "{s}");
 }
 
 #[test]
@@ -59,6 +62,7 @@ fn help_has_examples() {
         &["--help"][..],
         &["classify", "--help"],
         &["fetch", "--help"],
+        &["eval", "--help"],
     ] {
         let s = ok(&diracnet(sub, dir.path()));
         assert!(s.contains("Example"), "{s}");
@@ -246,13 +250,42 @@ fn preprocess_writes_the_normalised_tensor() {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
     let junk = dir.path().join("junk.jpg");
     std::fs::write(&junk, b"definitely not a JPEG").unwrap();
+    let out = diracnet(
+        &[
+            "classify",
+            "-m",
+            model,
+            "--format",
+            "jsonl",
+            junk.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let e = fails(&out);
+    assert!(e.contains("1 of 1 inputs failed"), "{e}");
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        row["input"].as_str().unwrap().ends_with("junk.jpg"),
+        "{row}"
+    );
+    assert!(
+        row["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a supported image"),
+        "{row}"
+    );
+
+    // A path that names nothing fails before any model is loaded.
     let e = fails(&diracnet(
-        &["classify", "--offline", junk.to_str().unwrap()],
+        &["classify", "--offline", "/no/such/image.jpg"],
         dir.path(),
     ));
-    assert!(e.contains("junk.jpg"), "{e}");
+    assert!(e.contains("no such file: /no/such/image.jpg"), "{e}");
 
     let img = fixture("images/chelsea.jpg");
     let e = fails(&diracnet(
@@ -282,11 +315,412 @@ fn bad_inputs_are_clear_errors() {
     ));
     assert!(e.contains("/no/such/file.pth"), "{e}");
 
+    let out = diracnet(
+        &[
+            "classify",
+            "-m",
+            model,
+            "--max-pixels",
+            "1000",
+            img.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    fails(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("error:") && table.contains("pixel"),
+        "{table}"
+    );
+
+    // --logits is for the JSON formats.
     let e = fails(&diracnet(
-        &["classify", "--max-pixels", "1000", img.to_str().unwrap()],
+        &[
+            "classify",
+            "-m",
+            model,
+            "--logits",
+            "--format",
+            "csv",
+            img.to_str().unwrap(),
+        ],
         dir.path(),
     ));
-    assert!(e.contains("pixel"), "{e}");
+    assert!(e.contains("--logits needs"), "{e}");
+}
+
+/// A folder of images and a bad file, in each format: rows in walk order, the bad file a row
+/// with its error, the others classified, exit status 1.
+#[test]
+fn classify_walks_folders_and_writes_each_format_with_failed_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
+    let root = dir.path().join("photos");
+    std::fs::create_dir_all(root.join("a/deeper")).unwrap();
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    std::fs::copy(fixture("images/chelsea.jpg"), root.join("a/deeper/cat.jpg")).unwrap();
+    std::fs::copy(fixture("images/coffee_rgba.png"), root.join("b/coffee.PNG")).unwrap();
+    std::fs::write(root.join("b/broken.jpg"), b"\xff\xd8 truncated").unwrap();
+    std::fs::write(root.join("b/readme.txt"), b"not an image").unwrap();
+    let run = |format: &str| {
+        let out = diracnet(
+            &[
+                "classify",
+                "-m",
+                model,
+                "--format",
+                format,
+                "--top-k",
+                "3",
+                root.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        let e = fails(&out);
+        assert!(e.contains("1 of 3 inputs failed"), "{e}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let names = ["a/deeper/cat.jpg", "b/broken.jpg", "b/coffee.PNG"];
+
+    let lines: Vec<serde_json::Value> = run("jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (row, name) in lines.iter().zip(names) {
+        assert!(row["input"].as_str().unwrap().ends_with(name), "{row}");
+    }
+    assert_eq!(lines[0]["predictions"].as_array().unwrap().len(), 3);
+    assert!(lines[1]["error"].is_string() && lines[1]["predictions"].is_null());
+
+    let array: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(array.as_array().unwrap().len(), 3);
+    assert_eq!(array[2]["predictions"], lines[2]["predictions"]);
+
+    let csv = run("csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "input,model,rank,index,label,score,error");
+    assert_eq!(rows.len(), 1 + 3 + 1 + 3, "{csv}");
+    // Labels with commas are quoted; the failed input has only its error.
+    let top = &lines[0]["predictions"][0];
+    let label = top["label"].as_str().unwrap();
+    let quoted = if label.contains(',') {
+        format!("\"{label}\"")
+    } else {
+        label.to_string()
+    };
+    assert!(
+        rows[1].contains(&format!(",,1,{},{quoted},", top["index"])),
+        "{}",
+        rows[1]
+    );
+    assert!(rows[4].contains("broken.jpg,,,,,,"), "{}", rows[4]);
+
+    let table = run("table");
+    assert!(table.contains("broken.jpg\n  error: "), "{table}");
+    assert_eq!(table.matches('%').count(), 6, "{table}");
+}
+
+/// `classify … | head -1`: the closed pipe ends the run quietly.
+#[test]
+fn classify_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let img = fixture("images/chelsea.jpg");
+    let mut args = vec![
+        "classify",
+        "-m",
+        model.to_str().unwrap(),
+        "--format",
+        "jsonl",
+    ];
+    args.extend(std::iter::repeat_n(img.to_str().unwrap(), 300));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diracnet"))
+        .args(&args)
+        .env("DIRACNET_CACHE", dir.path())
+        .env("DIRACNET_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("chelsea.jpg"), "{first}");
+    // The reader is gone (dropped above); the next write fails with EPIPE.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+}
+
+/// `.npy` arrays beyond float32: float64 inputs equal the float32 ones; uint8 RGB pixels go
+/// through the same resize and crop as the decoded file, so they equal it.
+#[test]
+fn classify_takes_float64_inputs_and_uint8_pixel_arrays() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
+    let write_npy = |path: &Path, descr: &str, shape: &[usize], data: &[u8]| {
+        let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+        let mut header = format!(
+            "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend((header.len() as u16).to_le_bytes());
+        bytes.extend(header.as_bytes());
+        bytes.extend(data);
+        std::fs::write(path, bytes).unwrap();
+    };
+    let logits = |input: &Path| -> Vec<Vec<f64>> {
+        let out = ok(&diracnet(
+            &[
+                "classify",
+                "-m",
+                model,
+                "--format",
+                "jsonl",
+                "--logits",
+                input.to_str().unwrap(),
+            ],
+            dir.path(),
+        ));
+        out.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    // float64: the reference inputs, widened.
+    let inputs = npy::read_f32(&fixture("reference/inputs.npy")).unwrap();
+    let wide: Vec<u8> = inputs
+        .data
+        .iter()
+        .flat_map(|&x| f64::from(x).to_le_bytes())
+        .collect();
+    let f64s = dir.path().join("inputs64.npy");
+    write_npy(&f64s, "<f8", &inputs.shape, &wide);
+    assert_eq!(logits(&f64s), logits(&fixture("reference/inputs.npy")));
+    // uint8: the decoded photo's pixels, [H, W, 3], and twice as [2, H, W, 3].
+    let photo = fixture("images/chelsea.jpg");
+    let rgb = diracnet::preprocess::decode_rgb8(&std::fs::read(&photo).unwrap(), u64::MAX).unwrap();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let one = dir.path().join("pixels.npy");
+    write_npy(&one, "|u1", &[h, w, 3], rgb.as_raw());
+    let from_file = logits(&photo);
+    assert_eq!(logits(&one), from_file);
+    let two = dir.path().join("pixels2.npy");
+    write_npy(
+        &two,
+        "|u1",
+        &[2, h, w, 3],
+        &[rgb.as_raw().as_slice(), rgb.as_raw()].concat(),
+    );
+    // Two images make a batch of 2, which may take the other 3×3 algorithm for some layers
+    // (f32 sums in another order): equal within 1e-5 of the largest logit.
+    let both = logits(&two);
+    let max = from_file[0].iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert_eq!(both.len(), 2);
+    for row in &both {
+        for (a, b) in row.iter().zip(&from_file[0]) {
+            assert!((a - b).abs() <= 1e-5 * max, "{a} vs {b}");
+        }
+    }
+    // Any other shape is the file's error row.
+    let flat = dir.path().join("flat.npy");
+    write_npy(&flat, "|u1", &[12], &[0; 12]);
+    let out = diracnet(
+        &[
+            "classify",
+            "-m",
+            model,
+            "--format",
+            "jsonl",
+            flat.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    fails(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("expected RGB pixels [H, W, 3]"));
+}
+
+/// `eval` on an ImageFolder tree and on a flat folder with a ground-truth CSV: the photo filed
+/// under the class the model ranks first counts for top-1, the one filed under its third class
+/// for top-5 only, an unreadable image as failed.
+#[test]
+fn eval_counts_top1_and_top5_on_image_folders_and_ground_truth_csvs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let model = model.to_str().unwrap();
+    let (cat, coffee) = (
+        fixture("images/chelsea.jpg"),
+        fixture("images/coffee_rgba.png"),
+    );
+    let out = ok(&diracnet(
+        &[
+            "classify",
+            "-m",
+            model,
+            "--format",
+            "jsonl",
+            cat.to_str().unwrap(),
+            coffee.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let class = |row: usize, rank: usize| {
+        rows[row]["predictions"][rank]["index"].as_u64().unwrap() as usize
+    };
+    let imagenet = diracnet::registry::Labels::imagenet();
+    let wnid = |i: usize| imagenet.id(i).unwrap().to_string();
+    let (cat_class, coffee_class) = (class(0, 0), class(1, 2));
+
+    let tree = dir.path().join("val");
+    for (sub, src, name) in [
+        (wnid(cat_class), &cat, "cat.jpg"),
+        (wnid(coffee_class), &coffee, "coffee.png"),
+    ] {
+        std::fs::create_dir_all(tree.join(&sub)).unwrap();
+        std::fs::copy(src, tree.join(&sub).join(name)).unwrap();
+    }
+    std::fs::write(tree.join(wnid(cat_class)).join("bad.jpg"), b"junk").unwrap();
+    let preds = dir.path().join("preds.jsonl");
+    let summary = |out: &str| -> serde_json::Value { serde_json::from_str(out.trim()).unwrap() };
+    let s = summary(&ok(&diracnet(
+        &[
+            "eval",
+            "-m",
+            model,
+            "--json",
+            "--predictions",
+            preds.to_str().unwrap(),
+            tree.to_str().unwrap(),
+        ],
+        dir.path(),
+    )));
+    assert_eq!(
+        (s["images"].as_u64(), s["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        (s["top1"].as_f64(), s["top5"].as_f64()),
+        (Some(0.5), Some(1.0)),
+        "{s}"
+    );
+    assert_eq!(s["top1_error"].as_f64(), Some(0.5));
+    assert!(
+        s["img_per_s"].as_f64().unwrap() > 0.0 && s["published_top1_error"].is_null(),
+        "{s}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().any(|l| l["error"].is_string()));
+    let coffee_line = lines
+        .iter()
+        .find(|l| l["path"].as_str().unwrap().ends_with("coffee.png"))
+        .unwrap();
+    assert_eq!(
+        (coffee_line["rank"].as_u64(), coffee_line["target"].as_u64()),
+        (Some(2), Some(coffee_class as u64))
+    );
+    assert_eq!(coffee_line["top5"].as_array().unwrap().len(), 5);
+
+    // --limit 1 keeps one image (spread over the list: the first).
+    let s = summary(&ok(&diracnet(
+        &[
+            "eval",
+            "-m",
+            model,
+            "--json",
+            "--limit",
+            "1",
+            tree.to_str().unwrap(),
+        ],
+        dir.path(),
+    )));
+    assert_eq!(
+        s["images"].as_u64().unwrap() + s["failed"].as_u64().unwrap(),
+        1,
+        "{s}"
+    );
+
+    // The text form.
+    let text = ok(&diracnet(
+        &["eval", "-m", model, tree.to_str().unwrap()],
+        dir.path(),
+    ));
+    assert!(
+        text.contains("top-1 accuracy  50.00 %") && text.contains("top-5 accuracy 100.00 %"),
+        "{text}"
+    );
+
+    // Flat folder + LOC_val_solution.csv.
+    let flat = dir.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::copy(&cat, flat.join("ILSVRC2012_val_00000001.JPEG")).unwrap();
+    std::fs::copy(&coffee, flat.join("ILSVRC2012_val_00000002.png")).unwrap();
+    let csv = dir.path().join("LOC_val_solution.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "ImageId,PredictionString\nILSVRC2012_val_00000001,{} 1 2 3 4\nILSVRC2012_val_00000002,{} 5 6 7 8 {} 1 1 2 2\nILSVRC2012_val_00000003,{} 0 0 1 1\n",
+            wnid(cat_class), wnid(coffee_class), wnid(cat_class), wnid(0)
+        ),
+    )
+    .unwrap();
+    let s = summary(&ok(&diracnet(
+        &[
+            "eval",
+            "-m",
+            model,
+            "--json",
+            "--ground-truth",
+            csv.to_str().unwrap(),
+            flat.to_str().unwrap(),
+        ],
+        dir.path(),
+    )));
+    assert_eq!(
+        (s["images"].as_u64(), s["top1"].as_f64(), s["top5"].as_f64()),
+        (Some(2), Some(0.5), Some(1.0)),
+        "{s}"
+    );
+    assert_eq!(
+        (s["missing"].as_u64(), s["unlisted"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+
+    // A folder that is not a class of the model: a clear error.
+    std::fs::create_dir_all(tree.join("kittens")).unwrap();
+    let e = fails(&diracnet(
+        &["eval", "-m", model, tree.to_str().unwrap()],
+        dir.path(),
+    ));
+    assert!(e.contains("kittens") && e.contains("WordNet id"), "{e}");
 }
 
 #[test]

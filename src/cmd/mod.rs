@@ -4,8 +4,10 @@
 pub mod bench;
 pub mod classify;
 pub mod convert;
+pub mod eval;
 pub mod fetch;
 pub mod models;
+pub mod output;
 pub mod preprocess;
 pub mod serve;
 

@@ -162,8 +162,22 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, PreprocessError> {
 /// are busy anyway and the hand-over would only add work, so each is done on one thread.
 pub fn preprocess(bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, PreprocessError> {
     let alone = InProgress::enter();
+    preprocess_with(bytes, max_pixels, alone.0)
+}
+
+/// [`preprocess`] entirely on the calling thread, never handing rows to a helper: for callers
+/// that keep every core busy with images of their own (a helper would only add a thread).
+pub fn preprocess_here(bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, PreprocessError> {
+    preprocess_with(bytes, max_pixels, false)
+}
+
+fn preprocess_with(
+    bytes: &[u8],
+    max_pixels: u64,
+    pipelined: bool,
+) -> Result<Vec<f32>, PreprocessError> {
     let opened = decode::open(bytes, max_pixels)?;
-    if alone.0
+    if pipelined
         && opened.format == ImageFormat::Jpeg
         && opened.orientation == Orientation::NoTransforms
     {
@@ -172,6 +186,35 @@ pub fn preprocess(bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>, PreprocessE
         }
     }
     let image = decode::decode_opened(bytes, opened)?;
+    Ok(normalize(&resize_crop(&image)))
+}
+
+/// RGB pixels, row-major (`height` rows of `width` × R, G, B), → the normalised CHW input: the
+/// steps of [`preprocess`] after decoding ([`resize_crop`], [`normalize`]). For images that
+/// arrive as pixel arrays (`uint8` `.npy` files).
+pub fn from_rgb8(
+    width: u32,
+    height: u32,
+    pixels: Vec<u8>,
+    max_pixels: u64,
+) -> Result<Vec<f32>, PreprocessError> {
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::ZeroSize { width, height });
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(PreprocessError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    let len = pixels.len();
+    let image = image::RgbImage::from_raw(width, height, pixels).ok_or_else(|| {
+        PreprocessError::DecodeFailed {
+            format: "RGB array".into(),
+            message: format!("{len} bytes for {width}x{height} pixels"),
+        }
+    })?;
     Ok(normalize(&resize_crop(&image)))
 }
 

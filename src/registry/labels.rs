@@ -5,29 +5,91 @@ use super::{embedded_file, Source};
 /// The label list of models that name none (not from the registry): ILSVRC2012's 1000 classes.
 const IMAGENET: &str = "imagenet_classes.txt";
 
-/// Class names, one per logit index.
+/// Class names, one per logit index, and their WordNet ids where the list gives them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Labels(Vec<String>);
+pub struct Labels {
+    names: Vec<String>,
+    /// `n01440764`-style ids, one per class, when every line of the list starts with one.
+    ids: Option<Vec<String>>,
+}
+
+/// A label list that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelsError {
+    /// No class is named.
+    #[error("the label list names no class")]
+    Empty,
+    /// Some lines start with a WordNet id and others do not.
+    #[error(
+        "line {line}: {found:?} has no WordNet id, as earlier lines do (every line is either \
+         `LABEL` or `WNID LABEL`)"
+    )]
+    MixedIds {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        found: String,
+    },
+}
+
+/// True for a WordNet noun id: `n` and eight digits (`n01440764`).
+fn is_wordnet_id(token: &str) -> bool {
+    let b = token.as_bytes();
+    b.len() == 9 && b[0] == b'n' && b[1..].iter().all(u8::is_ascii_digit)
+}
 
 impl Labels {
-    /// The 1000 ILSVRC2012 class names in the standard index order (281 = "tabby, tabby cat").
+    /// The 1000 ILSVRC2012 classes in the standard index order (281 = "tabby, tabby cat",
+    /// `n02123045`), with their WordNet ids.
     pub fn imagenet() -> Self {
-        Self::embedded(IMAGENET).unwrap_or_else(|| Self(Vec::new()))
+        Self::embedded(IMAGENET).unwrap_or_else(|| Self {
+            names: Vec::new(),
+            ids: None,
+        })
     }
 
-    /// The list in `models/<file>`: one class name per line, in logit order.
+    /// The list in `models/<file>` (see [`Labels::parse`]).
     pub fn embedded(file: &str) -> Option<Self> {
-        embedded_file(file).map(Self::parse)
+        embedded_file(file).and_then(|text| Self::parse(text).ok())
     }
 
-    fn parse(text: &str) -> Self {
-        Self(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect(),
-        )
+    /// A label list: one class per non-blank line, in logit order, each line either `LABEL` or
+    /// `WNID LABEL` (a WordNet id, a space, the name; every line the same way). Surrounding
+    /// blanks are trimmed.
+    pub fn parse(text: &str) -> Result<Self, LabelsError> {
+        let lines: Vec<(usize, &str)> = text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.trim()))
+            .filter(|(_, l)| !l.is_empty())
+            .collect();
+        let with_id = |l: &str| {
+            l.split_once(char::is_whitespace)
+                .filter(|(id, name)| is_wordnet_id(id) && !name.trim().is_empty())
+                .map(|(id, name)| (id.to_string(), name.trim().to_string()))
+        };
+        let Some(&(_, first)) = lines.first() else {
+            return Err(LabelsError::Empty);
+        };
+        if with_id(first).is_none() {
+            return Ok(Self {
+                names: lines.iter().map(|(_, l)| l.to_string()).collect(),
+                ids: None,
+            });
+        }
+        let (mut names, mut ids) = (Vec::new(), Vec::new());
+        for &(line, l) in &lines {
+            let (id, name) = with_id(l).ok_or_else(|| LabelsError::MixedIds {
+                line,
+                found: l.to_string(),
+            })?;
+            ids.push(id);
+            names.push(name);
+        }
+        Ok(Self {
+            names,
+            ids: Some(ids),
+        })
     }
 
     /// The class names of a model from `source` with `classes` outputs: a registry model's own
@@ -43,17 +105,27 @@ impl Labels {
 
     /// Number of classes named.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.names.len()
     }
 
     /// True when no class is named.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.names.is_empty()
     }
 
     /// The name of class `index`.
     pub fn get(&self, index: usize) -> Option<&str> {
-        self.0.get(index).map(String::as_str)
+        self.names.get(index).map(String::as_str)
+    }
+
+    /// The WordNet id of class `index`, when the list gives ids.
+    pub fn id(&self, index: usize) -> Option<&str> {
+        self.ids.as_ref()?.get(index).map(String::as_str)
+    }
+
+    /// The WordNet ids, one per class, when the list gives them.
+    pub fn ids(&self) -> Option<&[String]> {
+        self.ids.as_deref()
     }
 }
 
@@ -65,15 +137,37 @@ mod tests {
     use crate::registry::Registry;
 
     #[test]
-    fn imagenet_labels_are_in_ilsvrc_order() {
+    fn imagenet_labels_are_in_ilsvrc_order_with_their_wordnet_ids() {
         let l = Labels::imagenet();
         assert_eq!(l.len(), 1000);
         assert_eq!(l.get(0), Some("tench, Tinca tinca"));
+        assert_eq!(l.id(0), Some("n01440764"));
         assert_eq!(l.get(281), Some("tabby, tabby cat"));
+        assert_eq!(l.id(281), Some("n02123045"));
         assert_eq!(
             l.get(999),
             Some("toilet tissue, toilet paper, bathroom tissue")
         );
+        assert_eq!(l.id(999), Some("n15075141"));
+        // The standard index order is the ids' sorted order.
+        let ids = l.ids().unwrap();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn label_lists_parse_with_or_without_ids_and_refuse_a_mix() {
+        let plain = Labels::parse("cat\n\n  dog  \nn0 bird\n").unwrap();
+        assert_eq!(
+            (plain.len(), plain.get(1), plain.get(2)),
+            (3, Some("dog"), Some("n0 bird"))
+        );
+        assert_eq!(plain.id(0), None);
+        let ids = Labels::parse("n01440764 tench, Tinca tinca\r\nn01443537\tgoldfish\n").unwrap();
+        assert_eq!(ids.get(1), Some("goldfish"));
+        assert_eq!(ids.id(1), Some("n01443537"));
+        let e = Labels::parse("n01440764 tench\ngoldfish\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(matches!(Labels::parse(" \n"), Err(LabelsError::Empty)));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 mod labels;
 mod spec;
 
-pub use labels::Labels;
+pub use labels::{Labels, LabelsError};
 pub use spec::{ModelSpec, Source};
 
 use serde::Deserialize;
@@ -78,12 +78,33 @@ pub struct RegistryEntry {
     pub kind: WeightsKind,
     /// Network depth (18, 34).
     pub depth: u32,
-    /// Label list file inside `models/`: class names in logit order, one per line.
+    /// Label list file inside `models/`: class names in logit order, one per line (`LABEL` or
+    /// `WNID LABEL`; see [`Labels::parse`]).
     pub labels: String,
     /// Published top-1 error on ILSVRC2012 val, percent.
     pub top1_error: Option<f64>,
     /// Published top-5 error on ILSVRC2012 val, percent.
     pub top5_error: Option<f64>,
+}
+
+/// The accuracy the authors published for a model: ILSVRC2012 val, single 224 crop, percent
+/// error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Published {
+    /// Top-1 error, percent.
+    pub top1_error: f64,
+    /// Top-5 error, percent.
+    pub top5_error: f64,
+}
+
+impl RegistryEntry {
+    /// The published accuracy, when the entry gives both figures.
+    pub fn published(&self) -> Option<Published> {
+        Some(Published {
+            top1_error: self.top1_error?,
+            top5_error: self.top5_error?,
+        })
+    }
 }
 
 /// All models embedded from `models/`.

@@ -84,6 +84,18 @@ pub struct ModelInfo {
     pub isa: Option<&'static str>,
     /// Compute dtype: `f32`, `f16` or `bf16`.
     pub dtype: String,
+    /// The authors' published accuracy (registry models that have it), to compare with
+    /// `diracnet eval`; null otherwise.
+    pub published: Option<PublishedAccuracy>,
+}
+
+/// The accuracy the authors published: ILSVRC2012 val, single 224 crop.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PublishedAccuracy {
+    /// Top-1 error, percent.
+    pub top1_error: f64,
+    /// Top-5 error, percent.
+    pub top5_error: f64,
 }
 
 /// Batching settings.
@@ -163,6 +175,10 @@ fn model_infos(state: &AppState) -> Vec<ModelInfo> {
                 conv_impl: c.model.backend().conv_description(),
                 isa: c.model.backend().isa(),
                 dtype: c.model.backend().dtype_name().to_string(),
+                published: c.published.map(|p| PublishedAccuracy {
+                    top1_error: p.top1_error,
+                    top5_error: p.top5_error,
+                }),
             }
         })
         .collect()

@@ -48,7 +48,7 @@ use super::{
     components(schemas(
         classify::ClassifyJson, classify::ClassifyMultipart, classify::ImageFile, classify::ClassifyResponse, classify::ImageResult,
         classify::PredictionBody, super::error::ErrorBody, health::Health, health::Info,
-        health::ModelInfo, health::Batching, health::ModelList, kserve::InferRequest, kserve::InferResponse, kserve::RequestInput,
+        health::ModelInfo, health::PublishedAccuracy, health::Batching, health::ModelList, kserve::InferRequest, kserve::InferResponse, kserve::RequestInput,
         kserve::RequestOutput, kserve::ResponseOutput, kserve::ServerMetadata,
         kserve::ModelMetadata, kserve::TensorMetadata,
     )),
