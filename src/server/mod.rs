@@ -27,6 +27,7 @@
 //! | [`infer`] | **the one inference path**: drain guard → parse → announce → preprocess → batch → answer → metrics |
 //! | [`classify`], [`kserve`] | the inference protocols: `POST /classify`, KServe v2 (parsing and formatting only) |
 //! | [`health`] | health, readiness, `/info`, `/metrics` |
+//! | [`page`] | the web page at `/` (HTML, script and style compiled in) |
 //! | [`encoding`] | base64 image payloads |
 //! | [`metrics`], [`error`] | Prometheus metrics; errors as JSON with the status naming the cause |
 //!
@@ -43,6 +44,7 @@ pub mod health;
 pub mod infer;
 pub mod kserve;
 pub mod metrics;
+pub mod page;
 pub mod preprocessing;
 pub mod routes;
 pub mod shutdown;

@@ -32,7 +32,7 @@ use super::{
     error::{ApiError, ErrorType},
     health::{self, healthz, info, metrics, models_v1, readyz},
     infer::InferenceSummary,
-    kserve, AppState,
+    kserve, page, AppState,
 };
 
 /// The OpenAPI description of the HTTP API.
@@ -98,6 +98,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
 
     let open = Router::new()
+        .route("/", get(page::index))
+        .route("/ui/app.js", get(page::script))
+        .route("/ui/app.css", get(page::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/info", get(info))

@@ -8,7 +8,8 @@
 //! - `kserve.rs`: the KServe v2 routes;
 //! - `limits.rs`: admission before decoding, cancellation, connection timeouts and cap, body
 //!   limits, the drain's `Connection: close` and its timeout, truncated JPEGs;
-//! - `ops.rs`: `/metrics`, `/info`, `/openapi.json`, `/docs/`, and draining on SIGTERM.
+//! - `ops.rs`: `/metrics`, `/info`, `/openapi.json`, `/docs/`, and draining on SIGTERM;
+//! - `page.rs`: the web page at `/` in headless Chromium.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -18,4 +19,5 @@ mod classify;
 mod kserve;
 mod limits;
 mod ops;
+mod page;
 mod support;
