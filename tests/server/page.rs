@@ -257,3 +257,61 @@ async fn the_page_offers_a_model_picker_when_several_models_are_served() {
     page.close().await.unwrap();
     server.stop().await;
 }
+
+/// Swagger UI's "Try it out" uploads a file to `/classify` (the OpenAPI declares binary bodies),
+/// in the same browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swagger_ui_uploads_an_image_with_try_it_out() {
+    let Some((_driver, page)) = open_browser().await else {
+        return;
+    };
+    let server = TestServer::start(|cache| config(&[&dn18()], cache)).await;
+    let image = fixture("images/chelsea.jpg");
+    let want = api_top1(&server, &image, None).await;
+    page.goto(&server.url("/docs/")).await.unwrap();
+    let wait = |css: &'static str| {
+        let page = page.clone();
+        async move {
+            page.wait()
+                .at_most(Duration::from_secs(30))
+                .for_element(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("Swagger UI: no {css}: {e}"))
+        }
+    };
+    wait("#operations-classify-classify .opblock-summary")
+        .await
+        .click()
+        .await
+        .unwrap();
+    wait("#operations-classify-classify .try-out__btn")
+        .await
+        .click()
+        .await
+        .unwrap();
+    // The request body's media type: a raw image file.
+    wait("#operations-classify-classify .opblock-section-request-body select option[value='image/*']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    wait("#operations-classify-classify .opblock-section-request-body input[type=file]")
+        .await
+        .send_keys(image.to_str().unwrap())
+        .await
+        .unwrap();
+    wait("#operations-classify-classify button.execute")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let body = wait("#operations-classify-classify .live-responses-table .response-col_description pre")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["predictions"][0]["label"].as_str(), Some(want.as_str()), "{v}");
+    page.close().await.unwrap();
+    server.stop().await;
+}
