@@ -20,7 +20,7 @@ use std::{cell::RefCell, fmt, sync::Arc};
 use axum::{
     body::Bytes,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -35,6 +35,7 @@ use super::{
     encoding::decode_base64,
     error::ApiError,
     infer::{self, find_model, Call, Context, Inferred, Inputs, Protocol},
+    metrics::Duration64,
     AppState,
 };
 use crate::{
@@ -75,7 +76,8 @@ pub struct ModelMetadata {
     pub versions: Vec<&'static str>,
     /// Framework.
     pub platform: &'static str,
-    /// Accepted inputs (send exactly one).
+    /// The model's input. (BYTES `[N]` image files are accepted in its place, under any name:
+    /// not listed, as clients that fill every listed input would then send both.)
     pub inputs: Vec<TensorMetadata>,
     /// Produced outputs.
     pub outputs: Vec<TensorMetadata>,
@@ -91,13 +93,15 @@ pub struct RequestInput {
     /// `FP32` or `BYTES`.
     #[schema(pattern = "^(FP32|BYTES)$")]
     pub datatype: String,
-    /// Parameters (ignored: checked to be an object, not kept).
+    /// `{"binary_data_size": bytes}` when the tensor follows the JSON as binary data (Triton's
+    /// binary tensor data extension); other parameters are ignored and not kept.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub parameters: Map<String, Value>,
-    /// Row-major values, flat or nested: numbers for FP32, base64 strings for BYTES.
+    /// Row-major values, flat or nested: numbers for FP32, base64 strings for BYTES. Absent
+    /// when the tensor is sent as binary data.
     #[schema(schema_with = tensor_data_schema)]
-    pub data: TensorData,
+    pub data: Option<TensorData>,
 }
 
 /// A requested output.
@@ -105,8 +109,8 @@ pub struct RequestInput {
 pub struct RequestOutput {
     /// `logits` or `probabilities`.
     pub name: String,
-    /// `{"classification": k}` for the classification extension (other parameters are ignored
-    /// and not kept).
+    /// `{"classification": k}` for the classification extension, `{"binary_data": true}` for the
+    /// output as binary data after the JSON (other parameters are ignored and not kept).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub parameters: Map<String, Value>,
@@ -117,7 +121,8 @@ pub struct RequestOutput {
 pub struct InferRequest {
     /// Echoed in the response.
     pub id: Option<String>,
-    /// Request parameters (ignored: checked to be an object, not kept).
+    /// `{"binary_data_output": true}` for every output as binary data unless it says otherwise
+    /// (other parameters are ignored and not kept).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub parameters: Map<String, Value>,
@@ -205,9 +210,42 @@ pub struct ResponseOutput {
     pub shape: Vec<usize>,
     /// `FP32` or `BYTES`.
     pub datatype: &'static str,
-    /// Row-major values.
-    #[schema(value_type = Vec<Object>)]
-    pub data: Value,
+    /// `{"binary_data_size": bytes}` when the data follows the JSON as binary data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    /// Row-major values (absent when sent as binary data). FP32 values are written as the
+    /// shortest decimal that reads back as the same float32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub data: Option<OutputData>,
+}
+
+/// The values of an output.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum OutputData {
+    /// FP32 (serialised as float32: `0.1`, not `0.10000000149011612`).
+    Fp32(Vec<f32>),
+    /// BYTES, as strings.
+    Bytes(Vec<String>),
+}
+
+impl OutputData {
+    /// Triton's binary form: little-endian float32s, or each string as its 4-byte
+    /// little-endian length and its bytes.
+    fn to_binary(&self) -> Vec<u8> {
+        match self {
+            Self::Fp32(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::Bytes(strings) => strings
+                .iter()
+                .flat_map(|s| {
+                    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+                    len.to_le_bytes().into_iter().chain(s.bytes())
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `POST /v2/models/{m}/infer` response.
@@ -230,7 +268,7 @@ pub async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata {
         name: "diracnet",
         version: env!("CARGO_PKG_VERSION"),
-        extensions: vec!["classification"],
+        extensions: vec!["classification", "binary_tensor_data", "statistics"],
     })
 }
 
@@ -283,20 +321,13 @@ pub async fn model_metadata(
     let side = INPUT_SIZE as i64;
     Ok(Json(ModelMetadata {
         name: m.classifier.name.clone(),
-        versions: vec!["1"],
+        versions: vec![VERSION],
         platform: "candle",
-        inputs: vec![
-            TensorMetadata {
-                name: "input",
-                datatype: "FP32",
-                shape: vec![-1, 3, side, side],
-            },
-            TensorMetadata {
-                name: "image",
-                datatype: "BYTES",
-                shape: vec![-1],
-            },
-        ],
+        inputs: vec![TensorMetadata {
+            name: "input",
+            datatype: "FP32",
+            shape: vec![-1, 3, side, side],
+        }],
         outputs: vec![
             TensorMetadata {
                 name: "logits",
@@ -312,6 +343,168 @@ pub async fn model_metadata(
     }))
 }
 
+/// Metadata of a model version (only version `1` exists).
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}", tag = "kserve",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version: 1")),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn version_metadata(
+    state: State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, ApiError> {
+    check_version(&version)?;
+    model_metadata(state, Path(name)).await
+}
+
+/// Readiness of a model version (only version `1` exists).
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/ready", tag = "kserve",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version: 1")),
+    responses((status = 200), (status = 400, description = "not ready"), (status = 404, body = super::error::ErrorBody)))]
+pub async fn version_ready(
+    state: State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    match check_version(&version) {
+        Ok(()) => model_ready(state, Path(name)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v2/models/stats` and `/v2/models/{m}[/versions/{v}]/stats` body (Triton's statistics
+/// extension).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsResponse {
+    /// One entry per model asked for.
+    pub model_stats: Vec<ModelStatistics>,
+}
+
+/// One model's statistics since the server started.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelStatistics {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: &'static str,
+    /// Milliseconds since the epoch of the last successful inference request (0: none yet).
+    pub last_inference: u64,
+    /// Images run through the model.
+    pub inference_count: u64,
+    /// Forward passes (batches).
+    pub execution_count: u64,
+    /// Inference requests: answered, failed, and their times.
+    pub inference_stats: InferenceStatistics,
+    /// Forward passes by batch size.
+    pub batch_stats: Vec<BatchStatistics>,
+}
+
+/// Counts and cumulative nanoseconds of an inference request's steps.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InferenceStatistics {
+    /// Requests answered 2xx, from arrival to answer.
+    pub success: Duration64,
+    /// Requests answered with an error (any 4xx/5xx for the model), from arrival to answer.
+    pub fail: Duration64,
+    /// Time in the batching queue, per computed request.
+    pub queue: Duration64,
+    /// Decoding and preprocessing, per computed request.
+    pub compute_input: Duration64,
+    /// The forward pass, per computed request.
+    pub compute_infer: Duration64,
+    /// Writing the answer: not timed separately (always zero).
+    pub compute_output: Duration64,
+    /// No response cache: always zero.
+    pub cache_hit: Duration64,
+    /// No response cache: always zero.
+    pub cache_miss: Duration64,
+}
+
+/// Forward passes of one batch size.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchStatistics {
+    /// Images per pass.
+    pub batch_size: usize,
+    /// Not timed separately (always zero).
+    pub compute_input: Duration64,
+    /// The passes and their time.
+    pub compute_infer: Duration64,
+    /// Not timed separately (always zero).
+    pub compute_output: Duration64,
+}
+
+fn statistics(state: &AppState, names: &[String]) -> StatsResponse {
+    StatsResponse {
+        model_stats: names
+            .iter()
+            .map(|name| {
+                let s = state.metrics.model_stats(name);
+                ModelStatistics {
+                    name: name.clone(),
+                    version: VERSION,
+                    last_inference: s.last_inference_ms,
+                    inference_count: s.inference_count,
+                    execution_count: s.execution_count,
+                    inference_stats: InferenceStatistics {
+                        success: s.success,
+                        fail: s.fail,
+                        queue: s.queue,
+                        compute_input: s.compute_input,
+                        compute_infer: s.compute_infer,
+                        compute_output: Duration64::default(),
+                        cache_hit: Duration64::default(),
+                        cache_miss: Duration64::default(),
+                    },
+                    batch_stats: s
+                        .batches
+                        .iter()
+                        .map(|(&batch_size, &d)| BatchStatistics {
+                            batch_size,
+                            compute_input: Duration64::default(),
+                            compute_infer: d,
+                            compute_output: Duration64::default(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Statistics of every model (Triton's statistics extension).
+#[utoipa::path(get, path = "/v2/models/stats", tag = "kserve",
+    responses((status = 200, body = StatsResponse), (status = 503, body = super::error::ErrorBody)))]
+pub async fn all_stats(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<StatsResponse>, ApiError> {
+    let models = state.models().ok_or_else(ApiError::not_ready)?;
+    let names: Vec<String> = models.iter().map(|m| m.classifier.name.clone()).collect();
+    Ok(Json(statistics(&state, &names)))
+}
+
+/// Statistics of one model.
+#[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "kserve",
+    params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = StatsResponse), (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn model_stats(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<StatsResponse>, ApiError> {
+    let models = state.models().ok_or_else(ApiError::not_ready)?;
+    let m = find_model(models, Some(&name))?;
+    let names = [m.classifier.name.clone()];
+    Ok(Json(statistics(&state, &names)))
+}
+
+/// Statistics of a model version (only version `1` exists).
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/stats", tag = "kserve",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version: 1")),
+    responses((status = 200, body = StatsResponse), (status = 404, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub async fn version_stats(
+    state: State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<StatsResponse>, ApiError> {
+    check_version(&version)?;
+    model_stats(state, Path(name)).await
+}
+
 /// Inference.
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
     params(("name" = String, Path, description = "Model name")),
@@ -321,23 +514,90 @@ pub async fn model_metadata(
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    infer::serve(&state, KServeInfer { name, body }).await
+    let header_len = json_header_len(&headers);
+    infer::serve(
+        &state,
+        KServeInfer {
+            name,
+            header_len,
+            body,
+        },
+    )
+    .await
+}
+
+/// Inference on a model version (only version `1` exists).
+#[utoipa::path(post, path = "/v2/models/{name}/versions/{version}/infer", tag = "kserve",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version: 1")),
+    request_body = InferRequest,
+    responses((status = 200, body = InferResponse), super::error::InferenceErrors),
+    security((), ("bearer" = [])))]
+pub async fn infer_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    if let Err(e) = check_version(&version) {
+        return e.into_response();
+    }
+    infer(State(state), Path(name), headers, body).await
+}
+
+/// The request header that gives the JSON's length when binary tensors follow it.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// `Inference-Header-Content-Length`: `None` when absent; an error text when not a length.
+fn json_header_len(headers: &HeaderMap) -> Option<Result<usize, String>> {
+    let value = headers.get(HEADER_LENGTH)?;
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| format!("{HEADER_LENGTH} {value:?} is not a length in bytes")),
+    )
+}
+
+/// The only model version served.
+pub const VERSION: &str = "1";
+
+/// 404 for any version but [`VERSION`].
+fn check_version(version: &str) -> Result<(), ApiError> {
+    if version == VERSION {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no version {version:?} of this model; the only version is \"{VERSION}\""
+        )))
+    }
 }
 
 /// A KServe v2 inference request as it arrived.
 pub struct KServeInfer {
     /// The model in the path.
     name: String,
+    /// `Inference-Header-Content-Length`, if sent.
+    header_len: Option<Result<usize, String>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+}
+
+/// One requested output: its name, the classification count (if any), and whether it goes back
+/// as binary data.
+#[derive(Debug, Clone, PartialEq)]
+struct OutputSpec {
+    name: String,
+    classification: Option<usize>,
+    binary: bool,
 }
 
 /// How to answer a KServe v2 inference request.
 pub struct KServeAnswer {
     id: Option<String>,
-    /// `(output name, classification k)`.
-    outputs: Vec<(String, Option<usize>)>,
+    outputs: Vec<OutputSpec>,
 }
 
 impl Protocol for KServeInfer {
@@ -356,6 +616,7 @@ impl Protocol for KServeInfer {
                 ApiError::bad_request(e.body_text())
             }
         })?;
+        let header_len = self.header_len.transpose().map_err(ApiError::bad_request)?;
         let limits = Limits {
             max_images: context.config.batch.max_queue,
             row_len: INPUT_LEN,
@@ -364,7 +625,7 @@ impl Protocol for KServeInfer {
         // Parsing a body of up to `max_body_bytes` takes tens of milliseconds or more: on the
         // blocking pool, so that the async workers keep answering (`/healthz` among others).
         let (answer, inputs) =
-            tokio::task::spawn_blocking(move || read_request(&body, limits, classes))
+            tokio::task::spawn_blocking(move || read_request(&body, header_len, limits, classes))
                 .await
                 .map_err(|e| ApiError::internal(format!("KServe parsing task failed: {e}")))??;
         Ok(Call {
@@ -379,52 +640,99 @@ impl Protocol for KServeInfer {
         let logits = inferred.logits;
         let n = logits.len();
         let labels = model.labels.as_ref();
+        let mut binary = Vec::new();
         let outputs = answer
             .outputs
             .into_iter()
-            .map(|(name, k)| {
-                let rows: Vec<Vec<f32>> = if name == "probabilities" {
+            .map(|spec| {
+                let rows: Vec<Vec<f32>> = if spec.name == "probabilities" {
                     logits.iter().map(|l| softmax(l)).collect()
                 } else {
                     logits.clone()
                 };
-                match k {
-                    None => ResponseOutput {
-                        name,
-                        shape: vec![n, classes],
-                        datatype: "FP32",
-                        data: Value::from(rows.concat()),
-                    },
-                    Some(k) => ResponseOutput {
-                        name,
-                        shape: vec![n, k],
-                        datatype: "BYTES",
-                        data: Value::from(
+                let (shape, datatype, data) = match spec.classification {
+                    None => (vec![n, classes], "FP32", OutputData::Fp32(rows.concat())),
+                    Some(k) => (
+                        vec![n, k],
+                        "BYTES",
+                        OutputData::Bytes(
                             rows.iter()
                                 .flat_map(|r| classification(r, k, labels))
-                                .collect::<Vec<_>>(),
+                                .collect(),
                         ),
-                    },
+                    ),
+                };
+                let (parameters, data) = if spec.binary {
+                    let bytes = data.to_binary();
+                    let size = bytes.len();
+                    binary.push(bytes);
+                    (Some(serde_json::json!({ "binary_data_size": size })), None)
+                } else {
+                    (None, Some(data))
+                };
+                ResponseOutput {
+                    name: spec.name,
+                    shape,
+                    datatype,
+                    parameters,
+                    data,
                 }
             })
             .collect();
-        Json(InferResponse {
+        let response = InferResponse {
             model_name: model.name.clone(),
-            model_version: "1",
+            model_version: VERSION,
             id: answer.id,
             outputs,
-        })
-        .into_response()
+        };
+        if binary.is_empty() {
+            return Json(response).into_response();
+        }
+        // Binary outputs: the JSON, then each output's bytes in order; the JSON's length in
+        // `Inference-Header-Content-Length`.
+        let Ok(mut body) = serde_json::to_vec(&response) else {
+            return ApiError::internal("serialising the response").into_response();
+        };
+        let json_len = body.len();
+        for b in binary {
+            body.extend(b);
+        }
+        (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/octet-stream"),
+                ),
+                (
+                    axum::http::HeaderName::from_static(HEADER_LENGTH),
+                    axum::http::HeaderValue::from(json_len),
+                ),
+            ],
+            body,
+        )
+            .into_response()
     }
 }
 
-/// `(output name, classification k)` pairs; `logits` when none are requested.
-fn requested_outputs(
-    request: &InferRequest,
-    classes: usize,
-) -> Result<Vec<(String, Option<usize>)>, ApiError> {
+/// The outputs to answer with: `logits` when none are requested. Each goes back as binary
+/// data if its `binary_data` says so, else if the request's `binary_data_output` does.
+fn requested_outputs(request: &InferRequest, classes: usize) -> Result<Vec<OutputSpec>, ApiError> {
+    let flag = |params: &Map<String, Value>, key: &str| -> Result<Option<bool>, ApiError> {
+        match params.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::bad_request(format!(
+                "{key} must be true or false"
+            ))),
+        }
+    };
+    let all_binary = flag(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let Some(outputs) = &request.outputs else {
-        return Ok(vec![("logits".into(), None)]);
+        return Ok(vec![OutputSpec {
+            name: "logits".into(),
+            classification: None,
+            binary: all_binary,
+        }]);
     };
     outputs
         .iter()
@@ -446,7 +754,11 @@ fn requested_outputs(
                     }
                 },
             };
-            Ok((o.name.clone(), k))
+            Ok(OutputSpec {
+                name: o.name.clone(),
+                classification: k,
+                binary: flag(&o.parameters, "binary_data")?.unwrap_or(all_binary),
+            })
         })
         .collect()
 }
@@ -462,21 +774,33 @@ fn classification(row: &[f32], k: usize, labels: Option<&Labels>) -> Vec<String>
         .collect()
 }
 
-/// Reads a request body on the blocking pool: parses it ([`parse_request`]), checks it against
-/// the model (`classes`), and turns its one input into images. Returns how to answer and the
-/// images.
+/// Reads a request body on the blocking pool: splits off the binary tensor data after the
+/// JSON (`header_len`, from `Inference-Header-Content-Length`), parses the JSON
+/// ([`parse_request`]), checks it against the model (`classes`), and turns its one input into
+/// images. Returns how to answer and the images.
 fn read_request(
     body: &[u8],
+    header_len: Option<usize>,
     limits: Limits,
     classes: usize,
 ) -> Result<(KServeAnswer, Inputs), ApiError> {
-    let mut request = parse_request(body, limits)?;
+    let (json, binary) = match header_len {
+        None => (body, &[][..]),
+        Some(len) if len <= body.len() => body.split_at(len),
+        Some(len) => {
+            return Err(ApiError::bad_request(format!(
+                "{HEADER_LENGTH} is {len}, but the body has only {} bytes",
+                body.len()
+            )))
+        }
+    };
+    let mut request = parse_request(json, limits)?;
     let [input] =
         <[RequestInput; 1]>::try_from(std::mem::take(&mut request.inputs)).map_err(|inputs| {
             ApiError::bad_request(format!("expected exactly one input, got {}", inputs.len()))
         })?;
     let outputs = requested_outputs(&request, classes)?;
-    let inputs = inputs_from_tensor(input, limits.max_images)?;
+    let inputs = inputs_from_tensor(input, binary, limits.max_images)?;
     let answer = KServeAnswer {
         id: request.id,
         outputs,
@@ -485,30 +809,57 @@ fn read_request(
 }
 
 /// The images of the one input: FP32 rows as they are, BYTES as the image files they hold
-/// (base64-decoded).
-fn inputs_from_tensor(input: RequestInput, max_images: usize) -> Result<Inputs, ApiError> {
+/// (base64 strings in JSON; raw bytes as binary data). `binary` is what follows the JSON.
+fn inputs_from_tensor(
+    input: RequestInput,
+    binary: &[u8],
+    max_images: usize,
+) -> Result<Inputs, ApiError> {
     let per = INPUT_LEN;
     let RequestInput {
         name,
         shape,
         datatype,
+        parameters,
         data,
-        ..
     } = input;
+    let binary_size = match parameters.get("binary_data_size") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ApiError::bad_request("binary_data_size must be a whole number of bytes")
+        })?),
+    };
+    let data = match (binary_size, data) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "input {name:?} has both data and binary_data_size; send one"
+            )))
+        }
+        (Some(size), None) => {
+            if size != binary.len() as u64 {
+                return Err(ApiError::bad_request(format!(
+                    "input {name:?}: binary_data_size is {size}, but {} bytes follow the JSON",
+                    binary.len()
+                )));
+            }
+            return binary_input(&name, &shape, &datatype, binary, max_images);
+        }
+        (None, _) if !binary.is_empty() => {
+            return Err(ApiError::bad_request(format!(
+                "{} bytes follow the JSON, but no input has binary_data_size",
+                binary.len()
+            )))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(format!(
+                "input {name:?} has no data (and no binary_data_size)"
+            )))
+        }
+        (None, Some(data)) => data,
+    };
     match datatype.as_str() {
         "FP32" => {
-            let side = INPUT_SIZE as i64;
-            let n = match shape.as_slice() {
-                [n, 3, h, w] if *n >= 1 && *h == side && *w == side => *n as usize,
-                s => {
-                    return Err(ApiError::bad_request(format!(
-                        "FP32 input {name:?} has shape {s:?}; expected [N, 3, {side}, {side}]"
-                    )))
-                }
-            };
-            if n > max_images {
-                return Err(ApiError::too_many_images(n, max_images));
-            }
+            let n = fp32_images(&name, &shape, max_images)?;
             if data.kind == Some(ElementKind::String) {
                 return Err(ApiError::bad_request(
                     "FP32 data must be numbers; element 0 is a string",
@@ -525,11 +876,7 @@ fn inputs_from_tensor(input: RequestInput, max_images: usize) -> Result<Inputs, 
             }
             // The parser refuses numbers beyond the float32 range and JSON has no NaN or
             // infinity; checked again here, as nothing non-finite may reach the model.
-            if let Some(i) = data.rows.iter().flatten().position(|x| !x.is_finite()) {
-                return Err(ApiError::bad_request(format!(
-                    "FP32 data: element {i} is not a finite float32"
-                )));
-            }
+            finite(data.rows.iter().flatten().copied())?;
             let rows = if data.rows.iter().all(|r| r.len() == per) {
                 data.rows
             } else {
@@ -548,20 +895,117 @@ fn inputs_from_tensor(input: RequestInput, max_images: usize) -> Result<Inputs, 
                 ));
             }
             let items = data.strings;
-            if items.len() > max_images {
-                return Err(ApiError::too_many_images(items.len(), max_images));
-            }
-            if items.is_empty() || elements(&shape) != Some(items.len()) {
-                return Err(ApiError::bad_request(format!(
-                    "BYTES input {name:?} has {} elements but shape {shape:?}",
-                    items.len(),
-                )));
-            }
+            bytes_count(&name, &shape, items.len(), max_images)?;
             let files = items
                 .into_iter()
                 .enumerate()
                 .map(|(i, s)| decode_base64(&s, i))
                 .collect::<Result<Vec<_>, _>>()?;
+            Ok(Inputs::Encoded(files))
+        }
+        other => Err(unsupported_datatype(other)),
+    }
+}
+
+/// The images an FP32 input's shape holds: `[N, 3, 224, 224]`, at most `max_images`.
+fn fp32_images(name: &str, shape: &[i64], max_images: usize) -> Result<usize, ApiError> {
+    let side = INPUT_SIZE as i64;
+    let n = match shape {
+        [n, 3, h, w] if *n >= 1 && *h == side && *w == side => *n as usize,
+        s => {
+            return Err(ApiError::bad_request(format!(
+                "FP32 input {name:?} has shape {s:?}; expected [N, 3, {side}, {side}]"
+            )))
+        }
+    };
+    if n > max_images {
+        return Err(ApiError::too_many_images(n, max_images));
+    }
+    Ok(n)
+}
+
+/// Checks that `count` BYTES elements are what the shape says, and at most `max_images`.
+fn bytes_count(name: &str, shape: &[i64], count: usize, max_images: usize) -> Result<(), ApiError> {
+    if count > max_images {
+        return Err(ApiError::too_many_images(count, max_images));
+    }
+    if count == 0 || elements(shape) != Some(count) {
+        return Err(ApiError::bad_request(format!(
+            "BYTES input {name:?} has {count} elements but shape {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// 400 unless every value is a finite float32.
+fn finite(values: impl Iterator<Item = f32>) -> Result<(), ApiError> {
+    for (i, x) in values.enumerate() {
+        if !x.is_finite() {
+            return Err(ApiError::bad_request(format!(
+                "FP32 data: element {i} is not a finite float32"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An input sent as binary data (Triton's binary tensor data extension): FP32 as little-endian
+/// float32s, BYTES as elements of a 4-byte little-endian length and that many bytes, each an
+/// image file.
+fn binary_input(
+    name: &str,
+    shape: &[i64],
+    datatype: &str,
+    bytes: &[u8],
+    max_images: usize,
+) -> Result<Inputs, ApiError> {
+    match datatype {
+        "FP32" => {
+            let n = fp32_images(name, shape, max_images)?;
+            let needed = n * INPUT_LEN * 4;
+            if bytes.len() != needed {
+                return Err(ApiError::bad_request(format!(
+                    "FP32 input {name:?} has {} bytes of binary data; shape {shape:?} needs \
+                     {needed}",
+                    bytes.len()
+                )));
+            }
+            let values = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            finite(values.clone())?;
+            let values: Vec<f32> = values.collect();
+            Ok(Inputs::Preprocessed(
+                values
+                    .chunks_exact(INPUT_LEN)
+                    .map(<[f32]>::to_vec)
+                    .collect(),
+            ))
+        }
+        "BYTES" => {
+            let mut files = Vec::new();
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                if files.len() == max_images {
+                    return Err(ApiError::too_many_images(files.len() + 1, max_images));
+                }
+                let malformed = || {
+                    ApiError::bad_request(format!(
+                        "BYTES input {name:?}: element {} of the binary data is cut short \
+                         (each is a 4-byte little-endian length, then that many bytes)",
+                        files.len()
+                    ))
+                };
+                let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+                let len = u32::from_le_bytes(*len) as usize;
+                if tail.len() < len {
+                    return Err(malformed());
+                }
+                let (file, tail) = tail.split_at(len);
+                files.push(Bytes::copy_from_slice(file));
+                rest = tail;
+            }
+            bytes_count(name, shape, files.len(), max_images)?;
             Ok(Inputs::Encoded(files))
         }
         other => Err(unsupported_datatype(other)),
@@ -593,7 +1037,9 @@ fn elements(shape: &[i64]) -> Option<usize> {
 //   for at most the elements still allowed;
 // * one input (any further inputs are skipped without being kept, then counted for the error);
 //   at most [`MAX_OUTPUTS`] outputs; shapes of at most [`MAX_RANK`] dimensions;
-// * `parameters` are checked to be objects and skipped, except an output's `classification`.
+// * `parameters` are checked to be objects and skipped, except the keys this server reads
+//   (`binary_data_output`, an input's `binary_data_size`, an output's `classification` and
+//   `binary_data`), kept as scalars.
 // ---------------------------------------------------------------------------------------------
 
 /// What the parser may allocate for a request.
@@ -713,7 +1159,7 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<InferRequest, A::Error> {
         let mut id: Option<Option<String>> = None;
-        let mut parameters: Option<IgnoredObject> = None;
+        let mut parameters: Option<Map<String, Value>> = None;
         let mut inputs: Option<Vec<RequestInput>> = None;
         let mut outputs: Option<Option<Vec<RequestOutput>>> = None;
         while let Some(field) = map.next_key::<RequestField>()? {
@@ -724,7 +1170,8 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
                 }
                 RequestField::Parameters => {
                     once(&parameters, "parameters")?;
-                    parameters = Some(map.next_value()?);
+                    parameters =
+                        Some(map.next_value_seed(ParametersSeed(&["binary_data_output"]))?);
                 }
                 RequestField::Inputs => {
                     once(&inputs, "inputs")?;
@@ -741,7 +1188,7 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
         }
         Ok(InferRequest {
             id: id.flatten(),
-            parameters: Map::new(),
+            parameters: parameters.unwrap_or_default(),
             inputs: inputs.ok_or_else(|| de::Error::missing_field("inputs"))?,
             outputs: outputs.flatten(),
         })
@@ -806,7 +1253,7 @@ impl<'de> Visitor<'de> for InputSeed<'_> {
         let mut name: Option<String> = None;
         let mut shape: Option<Vec<i64>> = None;
         let mut datatype: Option<String> = None;
-        let mut parameters: Option<IgnoredObject> = None;
+        let mut parameters: Option<Map<String, Value>> = None;
         let mut data: Option<TensorData> = None;
         while let Some(field) = map.next_key::<InputField>()? {
             match field {
@@ -824,7 +1271,7 @@ impl<'de> Visitor<'de> for InputSeed<'_> {
                 }
                 InputField::Parameters => {
                     once(&parameters, "parameters")?;
-                    parameters = Some(map.next_value()?);
+                    parameters = Some(map.next_value_seed(ParametersSeed(&["binary_data_size"]))?);
                 }
                 InputField::Data => {
                     once(&data, "data")?;
@@ -845,8 +1292,9 @@ impl<'de> Visitor<'de> for InputSeed<'_> {
             name: name.ok_or_else(|| de::Error::missing_field("name"))?,
             shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
             datatype: datatype.ok_or_else(|| de::Error::missing_field("datatype"))?,
-            parameters: Map::new(),
-            data: data.ok_or_else(|| de::Error::missing_field("data"))?,
+            parameters: parameters.unwrap_or_default(),
+            // Absent with binary data; checked against `binary_data_size` in `read_request`.
+            data,
         })
     }
 }
@@ -940,7 +1388,7 @@ impl<'de> Deserialize<'de> for RequestOutput {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestOutput, A::Error> {
                 let mut name: Option<String> = None;
-                let mut parameters: Option<OutputParameters> = None;
+                let mut parameters: Option<Map<String, Value>> = None;
                 while let Some(field) = map.next_key::<OutputField>()? {
                     match field {
                         OutputField::Name => {
@@ -949,7 +1397,10 @@ impl<'de> Deserialize<'de> for RequestOutput {
                         }
                         OutputField::Parameters => {
                             once(&parameters, "parameters")?;
-                            parameters = Some(map.next_value()?);
+                            parameters = Some(map.next_value_seed(ParametersSeed(&[
+                                "classification",
+                                "binary_data",
+                            ]))?);
                         }
                         OutputField::Other => {
                             map.next_value::<IgnoredAny>()?;
@@ -958,7 +1409,7 @@ impl<'de> Deserialize<'de> for RequestOutput {
                 }
                 Ok(RequestOutput {
                     name: name.ok_or_else(|| de::Error::missing_field("name"))?,
-                    parameters: parameters.map(|p| p.0).unwrap_or_default(),
+                    parameters: parameters.unwrap_or_default(),
                 })
             }
         }
@@ -967,35 +1418,35 @@ impl<'de> Deserialize<'de> for RequestOutput {
     }
 }
 
-/// An output's `parameters`: only `classification` is kept, and only a scalar (an array or an
-/// object there becomes `null`, which is refused later as not an integer).
-struct OutputParameters(Map<String, Value>);
+/// Reads a `parameters` object, keeping the scalars of the keys named (an array or an object
+/// there becomes `null`, refused later as the wrong type) and skipping everything else.
+struct ParametersSeed(&'static [&'static str]);
 
-impl<'de> Deserialize<'de> for OutputParameters {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ParametersVisitor;
+impl<'de> DeserializeSeed<'de> for ParametersSeed {
+    type Value = Map<String, Value>;
 
-        impl<'de> Visitor<'de> for ParametersVisitor {
-            type Value = OutputParameters;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object of parameters")
-            }
+impl<'de> Visitor<'de> for ParametersSeed {
+    type Value = Map<String, Value>;
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut kept = Map::new();
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == "classification" {
-                        kept.insert(key.into_owned(), map.next_value::<Scalar>()?.0);
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(OutputParameters(kept))
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of parameters")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.0.contains(&key.as_ref()) {
+                kept.insert(key.into_owned(), map.next_value::<Scalar>()?.0);
+            } else {
+                map.next_value::<IgnoredAny>()?;
             }
         }
-
-        d.deserialize_map(ParametersVisitor)
+        Ok(kept)
     }
 }
 
@@ -1049,28 +1500,6 @@ impl<'de> Deserialize<'de> for Scalar {
         }
 
         d.deserialize_any(ScalarVisitor)
-    }
-}
-
-/// An object whose content is skipped (ignored `parameters`).
-struct IgnoredObject;
-
-impl<'de> Deserialize<'de> for IgnoredObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(IgnoredObject)
-    }
-}
-
-impl<'de> Visitor<'de> for IgnoredObject {
-    type Value = IgnoredObject;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IgnoredObject, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(IgnoredObject)
     }
 }
 
@@ -1332,7 +1761,7 @@ mod tests {
 
     fn data_of(body: &str) -> TensorData {
         let mut request = parse(body).unwrap_or_else(|e| panic!("{body}: {}", e.message));
-        request.inputs.remove(0).data
+        request.inputs.remove(0).data.expect("data")
     }
 
     fn refused(body: &str) -> ApiError {
@@ -1503,7 +1932,7 @@ mod tests {
             r#"{"inputs":[{"name":"x","shape":[4611686018427387904,3,224,224],"datatype":"FP32","data":[1]}]}"#,
             r#"{"inputs":[{"name":"x","shape":[-1,3,224,224],"datatype":"FP32","data":[1]}]}"#,
         ] {
-            let Err(e) = read_request(body.as_bytes(), limits, 10) else {
+            let Err(e) = read_request(body.as_bytes(), None, limits, 10) else {
                 panic!("{body} was accepted");
             };
             assert!(e.status.is_client_error(), "{body}: {}", e.message);
@@ -1625,9 +2054,16 @@ mod tests {
             r#"{{"id":"7","inputs":[{{"name":"input","shape":[2,3,224,224],"datatype":"FP32","data":[{}]}}]}}"#,
             vec!["0.5"; 2 * INPUT_LEN].join(",")
         );
-        let (answer, inputs) = read_request(body.as_bytes(), limits, 1000).unwrap();
+        let (answer, inputs) = read_request(body.as_bytes(), None, limits, 1000).unwrap();
         assert_eq!(answer.id.as_deref(), Some("7"));
-        assert_eq!(answer.outputs, vec![("logits".to_owned(), None)]);
+        assert_eq!(
+            answer.outputs,
+            vec![OutputSpec {
+                name: "logits".to_owned(),
+                classification: None,
+                binary: false,
+            }]
+        );
         let Inputs::Preprocessed(rows) = inputs else {
             panic!("not preprocessed rows");
         };
@@ -1638,7 +2074,7 @@ mod tests {
         // Too short for its shape: the message of before.
         let body =
             r#"{"inputs":[{"name":"x","shape":[1,3,224,224],"datatype":"FP32","data":[1.0,2.0]}]}"#;
-        let Err(e) = read_request(body.as_bytes(), limits, 1000) else {
+        let Err(e) = read_request(body.as_bytes(), None, limits, 1000) else {
             panic!("accepted");
         };
         assert_eq!(
@@ -1656,13 +2092,14 @@ mod tests {
             .map(|a| a.iter().map(|s| &s["type"]).collect())
             .unwrap_or_default();
         assert_eq!(kinds, ["number", "string", "array"], "{schema}");
-        // As a field of an input, required; parameters are not.
+        // As a field of an input, optional (absent with binary data, then `binary_data_size` in
+        // the parameters), as parameters are.
         let input = serde_json::to_value(<RequestInput as utoipa::PartialSchema>::schema())
             .unwrap_or_default();
         assert_eq!(input["properties"]["data"]["type"], "array", "{input}");
         assert_eq!(
             input["required"],
-            serde_json::json!(["name", "shape", "datatype", "data"]),
+            serde_json::json!(["name", "shape", "datatype"]),
             "{input}"
         );
         let request = serde_json::to_value(<InferRequest as utoipa::PartialSchema>::schema())

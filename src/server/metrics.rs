@@ -4,7 +4,11 @@
 //! — the integration tests do. Durations are real histograms with explicit buckets, which
 //! autoscalers and `histogram_quantile` need (Triton's and TorchServe's defaults are not).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -26,6 +30,48 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     images: IntCounterVec,
     model_info: IntGaugeVec,
+    /// The same events summed per model for KServe's statistics extension
+    /// (`/v2/models/{m}/stats`).
+    stats: Arc<Mutex<HashMap<String, ModelStats>>>,
+}
+
+/// A count and the nanoseconds it took, summed (Triton's statistic duration).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+pub struct Duration64 {
+    /// Events.
+    pub count: u64,
+    /// Their total time, nanoseconds.
+    pub ns: u64,
+}
+
+impl Duration64 {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.ns += u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    }
+}
+
+/// One model's inference statistics, in the terms of Triton's statistics extension.
+#[derive(Debug, Default, Clone)]
+pub struct ModelStats {
+    /// Inference requests answered 2xx, and their time from arrival to answer.
+    pub success: Duration64,
+    /// Inference requests answered with an error, and their time.
+    pub fail: Duration64,
+    /// Time the requests' images waited in the batching queue (per request: its longest).
+    pub queue: Duration64,
+    /// Decoding and preprocessing, per request.
+    pub compute_input: Duration64,
+    /// The forward pass that computed each request.
+    pub compute_infer: Duration64,
+    /// Milliseconds since the epoch of the last successful inference request (0: none).
+    pub last_inference_ms: u64,
+    /// Images run through the model.
+    pub inference_count: u64,
+    /// Forward passes.
+    pub execution_count: u64,
+    /// Forward passes and their time, by batch size.
+    pub batches: BTreeMap<usize, Duration64>,
 }
 
 /// Seconds, 0.5 ms … 60 s, roughly ×1.5 per bucket.
@@ -140,7 +186,45 @@ impl Metrics {
             queue_depth,
             images,
             model_info,
+            stats: Arc::default(),
         }
+    }
+
+    /// Adds a finished inference request for `model` to its statistics: answered `ok` or not,
+    /// after `total`, with its preprocessing, queue and inference times when it was computed.
+    pub fn inference_request(
+        &self,
+        model: &str,
+        ok: bool,
+        total: Duration,
+        timings: Option<(Duration, Duration, Duration)>,
+    ) {
+        let Ok(mut stats) = self.stats.lock() else {
+            return;
+        };
+        let s = stats.entry(model.to_string()).or_default();
+        if ok {
+            s.success.add(total);
+            s.last_inference_ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        } else {
+            s.fail.add(total);
+        }
+        if let Some((preprocess, queue, inference)) = timings {
+            s.compute_input.add(preprocess);
+            s.queue.add(queue);
+            s.compute_infer.add(inference);
+        }
+    }
+
+    /// The statistics of `model` so far.
+    pub fn model_stats(&self, model: &str) -> ModelStats {
+        self.stats
+            .lock()
+            .ok()
+            .and_then(|s| s.get(model).cloned())
+            .unwrap_or_default()
     }
 
     /// Counts a finished HTTP request.
@@ -237,6 +321,12 @@ impl BatchObserver for ModelObserver {
         let q = m.queue_duration.with_label_values(l);
         for t in queue_times {
             q.observe(t.as_secs_f64());
+        }
+        if let Ok(mut stats) = m.stats.lock() {
+            let s = stats.entry(self.model.clone()).or_default();
+            s.inference_count += size as u64;
+            s.execution_count += 1;
+            s.batches.entry(size).or_default().add(inference);
         }
     }
 

@@ -43,14 +43,17 @@ use super::{
         classify::classify, classify::classify_model, health::healthz, health::readyz, health::info,
         health::models_v1, health::metrics,
         kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata,
-        kserve::model_ready, kserve::infer,
+        kserve::model_ready, kserve::infer, kserve::version_metadata, kserve::version_ready,
+        kserve::infer_version, kserve::all_stats, kserve::model_stats, kserve::version_stats,
     ),
     components(schemas(
         classify::ClassifyJson, classify::ClassifyMultipart, classify::ImageFile, classify::ClassifyResponse, classify::ImageResult,
         classify::PredictionBody, super::error::ErrorBody, health::Health, health::Info,
         health::ModelInfo, health::PublishedAccuracy, health::Batching, health::ModelList, kserve::InferRequest, kserve::InferResponse, kserve::RequestInput,
         kserve::RequestOutput, kserve::ResponseOutput, kserve::ServerMetadata,
-        kserve::ModelMetadata, kserve::TensorMetadata,
+        kserve::ModelMetadata, kserve::TensorMetadata, kserve::StatsResponse,
+        kserve::ModelStatistics, kserve::InferenceStatistics, kserve::BatchStatistics,
+        super::metrics::Duration64,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -87,6 +90,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(classify::classify_model).put(classify::classify_model),
         )
         .route("/v2/models/{name}/infer", post(kserve::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(kserve::infer_version),
+        )
         // Route layers run outermost last: the key is checked before the body is read.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -112,6 +119,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/health/ready", get(kserve::ready))
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
+        .route("/v2/models/stats", get(kserve::all_stats))
+        .route("/v2/models/{name}/stats", get(kserve::model_stats))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(kserve::version_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(kserve::version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(kserve::version_stats),
+        )
         .merge(
             Router::from(
                 utoipa_swagger_ui::SwaggerUi::new("/docs")
@@ -253,6 +274,12 @@ async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next)
     let summary = response.extensions().get::<InferenceSummary>();
     let model = summary.map_or("", |m| m.model.as_str());
     state.metrics.request(model, &route, status);
+    if let Some(s) = summary.filter(|s| !s.model.is_empty()) {
+        let ok = response.status().is_success();
+        state
+            .metrics
+            .inference_request(&s.model, ok, started.elapsed(), s.timings);
+    }
     let model = Some(model).filter(|m| !m.is_empty());
     let images = summary.map(|s| s.images).filter(|&n| n > 0);
     let timings = summary.and_then(|s| s.timings);

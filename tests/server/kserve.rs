@@ -16,7 +16,10 @@ async fn kserve_v2_matches_pytorch_and_the_classify_route() {
     let c = Client::new();
     let (st, _, meta) = json_of(c.get(s.url("/v2")).send().await.unwrap()).await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(meta["extensions"], json!(["classification"]));
+    assert_eq!(
+        meta["extensions"],
+        json!(["classification", "binary_tensor_data", "statistics"])
+    );
     assert_eq!(
         c.get(s.url("/v2/health/live"))
             .send()
@@ -336,5 +339,228 @@ async fn healthz_answers_while_large_kserve_bodies_are_parsed() {
             )
         );
     }
+    s.stop().await;
+}
+
+/// A binary request (Triton's binary tensor data extension): the JSON, its length in
+/// `Inference-Header-Content-Length`, then the tensor's bytes.
+async fn infer_binary(
+    c: &Client,
+    url: String,
+    json: serde_json::Value,
+    binary: &[u8],
+) -> reqwest::Response {
+    let header = json.to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(binary);
+    c.post(url)
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", header.len())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Splits a binary response into its JSON and the bytes after it.
+async fn binary_answer(r: reqwest::Response) -> (serde_json::Value, Vec<u8>) {
+    assert_eq!(r.status(), StatusCode::OK);
+    let len: usize = r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = r.bytes().await.unwrap();
+    let (json, rest) = body.split_at(len);
+    (serde_json::from_slice(json).unwrap(), rest.to_vec())
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_binary_tensors_versions_stats_and_float32_output() {
+    let s = TestServer::start(|c| config(&[&dn18()], c)).await;
+    let c = Client::new();
+    let m = "dn18w16_v03";
+    let inputs = npy::read_f32(&fixture("reference/inputs.npy")).unwrap();
+    let raw: Vec<u8> = inputs.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+
+    // The same FP32 input as JSON and as binary, answered as JSON and as binary: the same
+    // float32s, to the bit.
+    let json_req = json!({
+        "inputs": [{"name": "input", "shape": inputs.shape, "datatype": "FP32", "data": inputs.data}],
+    });
+    let r = c
+        .post(s.url(&format!("/v2/models/{m}/infer")))
+        .body(json_req.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let from_json: Vec<f32> = v["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    // Written at float32 precision: each number is the shortest text of its float32.
+    let first = &text[text.find("\"data\":[").unwrap() + 8..];
+    let first = &first[..first.find(',').unwrap()];
+    assert_eq!(first, format!("{}", from_json[0]), "{first}");
+    let bin_req = json!({
+        "inputs": [{"name": "input", "shape": inputs.shape, "datatype": "FP32",
+                    "parameters": {"binary_data_size": raw.len()}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": true}},
+                    {"name": "probabilities", "parameters": {"classification": 2}}],
+    });
+    let (v, rest) = binary_answer(
+        infer_binary(
+            &c,
+            s.url(&format!("/v2/models/{m}/infer")),
+            bin_req.clone(),
+            &raw,
+        )
+        .await,
+    )
+    .await;
+    let logits = &v["outputs"][0];
+    assert!(logits.get("data").is_none(), "{v}");
+    assert_eq!(logits["parameters"]["binary_data_size"], json!(rest.len()));
+    assert_eq!(f32s(&rest), from_json);
+    // The classification output stays JSON (it did not ask for binary).
+    assert_eq!(v["outputs"][1]["shape"], json!([2, 2]));
+    assert!(v["outputs"][1]["data"][0].is_string());
+
+    // Request-level binary_data_output; BYTES input as raw image bytes (length-prefixed);
+    // a BYTES output in binary.
+    let jpg = image("chelsea.jpg");
+    let mut bytes = (jpg.len() as u32).to_le_bytes().to_vec();
+    bytes.extend(&jpg);
+    let req = json!({
+        "parameters": {"binary_data_output": true},
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": bytes.len()}}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 1}}],
+    });
+    let url = s.url(&format!("/v2/models/{m}/versions/1/infer"));
+    let (v, rest) = binary_answer(infer_binary(&c, url, req, &bytes).await).await;
+    let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    assert_eq!(rest.len(), 4 + len);
+    let label = std::str::from_utf8(&rest[4..]).unwrap();
+    let (_, _, cl) = json_of(
+        c.post(s.url("/classify?top_k=1"))
+            .header("content-type", "image/jpeg")
+            .body(jpg)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        label.split(':').nth(1).unwrap(),
+        cl["predictions"][0]["index"].to_string(),
+        "{label} {v}"
+    );
+
+    // Malformed binary requests: each a 400 that says what is wrong.
+    let url = || s.url(&format!("/v2/models/{m}/infer"));
+    let short = &raw[..raw.len() - 4];
+    for (req, binary, says) in [
+        (bin_req.clone(), short, "binary_data_size"),
+        (json_req.clone(), &raw[..8], "no input has binary_data_size"),
+        (
+            json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                               "parameters": {"binary_data_size": 6}}]}),
+            &[9, 0, 0, 0, 1, 2][..],
+            "cut short",
+        ),
+    ] {
+        let r = infer_binary(&c, url(), req, binary).await;
+        let (st, _, e) = json_of(r).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(says), "{e}");
+    }
+    let r = c
+        .post(url())
+        .header("inference-header-content-length", "99999")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (st, _, e) = json_of(r).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(e["error"].as_str().unwrap().contains("only 2 bytes"), "{e}");
+
+    // Versions: 1 exists, others are 404s; metadata lists the one input clients must fill.
+    let (st, _, meta) = json_of(
+        c.get(s.url(&format!("/v2/models/{m}/versions/1")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        meta["inputs"],
+        json!([{"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]}])
+    );
+    for path in ["versions/1/ready"] {
+        let r = c
+            .get(s.url(&format!("/v2/models/{m}/{path}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    for path in ["versions/2", "versions/2/ready", "versions/x/stats"] {
+        let r = c
+            .get(s.url(&format!("/v2/models/{m}/{path}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+
+    // Statistics: the requests above (three computed, four refused), in Triton's schema.
+    let (st, _, stats) = json_of(
+        c.get(s.url(&format!("/v2/models/{m}/stats")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let one = &stats["model_stats"][0];
+    assert_eq!(
+        (one["name"].as_str(), one["version"].as_str()),
+        (Some(m), Some("1"))
+    );
+    let infer = &one["inference_stats"];
+    // 2 (JSON) + 2 (binary) + 1 (BYTES) images; 4 successful requests (/classify's too).
+    assert_eq!(
+        one["inference_count"].as_u64(),
+        Some(2 + 2 + 1 + 1),
+        "{stats}"
+    );
+    assert_eq!(infer["success"]["count"].as_u64(), Some(4), "{stats}");
+    assert_eq!(infer["fail"]["count"].as_u64(), Some(4), "{stats}");
+    assert!(infer["success"]["ns"].as_u64().unwrap() > 0);
+    assert_eq!(infer["compute_infer"]["count"].as_u64(), Some(4));
+    let batches = one["batch_stats"].as_array().unwrap();
+    let passes: u64 = batches
+        .iter()
+        .map(|b| b["compute_infer"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(one["execution_count"].as_u64(), Some(passes));
+    assert!(one["last_inference"].as_u64().unwrap() > 1_700_000_000_000);
+    let (_, _, all) = json_of(c.get(s.url("/v2/models/stats")).send().await.unwrap()).await;
+    assert_eq!(all["model_stats"][0]["name"], m);
     s.stop().await;
 }

@@ -305,13 +305,18 @@ async fn swagger_ui_uploads_an_image_with_try_it_out() {
         .click()
         .await
         .unwrap();
-    let body = wait("#operations-classify-classify .live-responses-table .response-col_description pre")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let body =
+        wait("#operations-classify-classify .live-responses-table .response-col_description pre")
+            .await
+            .text()
+            .await
+            .unwrap();
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    assert_eq!(v["predictions"][0]["label"].as_str(), Some(want.as_str()), "{v}");
+    assert_eq!(
+        v["predictions"][0]["label"].as_str(),
+        Some(want.as_str()),
+        "{v}"
+    );
     page.close().await.unwrap();
     server.stop().await;
 }
