@@ -33,6 +33,14 @@ pub enum LoadError {
     /// Fetching or converting the weights failed.
     #[error(transparent)]
     Weights(#[from] WeightsError),
+    /// A label file given for the model cannot be used.
+    #[error("labels of model {model}: {reason}")]
+    Labels {
+        /// The model.
+        model: String,
+        /// What is wrong (the file, the count).
+        reason: String,
+    },
     /// The weights do not form a DiracNet, or candle failed.
     #[error("loading {path}: {cause}")]
     Model {
@@ -68,7 +76,11 @@ impl Classifier {
                     path: weights.path.display().to_string(),
                     cause,
                 })?;
-        let labels = Labels::for_model(&spec.source, model.architecture().classes);
+        let classes = model.architecture().classes;
+        let labels = match &spec.labels {
+            Some(file) => Some(Self::label_file(&spec.name, file, classes)?),
+            None => Labels::for_model(&spec.source, classes),
+        };
         let published = match &spec.source {
             Source::Registry(entry) => entry.published(),
             Source::Url(_) | Source::File(_) => None,
@@ -80,6 +92,30 @@ impl Classifier {
             weights,
             published,
         })
+    }
+
+    /// The labels in `file` (`LABEL` or `WNID LABEL` per line), which must name `classes`
+    /// classes.
+    fn label_file(
+        model: &str,
+        file: &std::path::Path,
+        classes: usize,
+    ) -> Result<Labels, LoadError> {
+        let bad = |reason: String| LoadError::Labels {
+            model: model.to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("reading {}: {e}", file.display())))?;
+        let labels = Labels::parse(&text).map_err(|e| bad(format!("{}: {e}", file.display())))?;
+        if labels.len() != classes {
+            return Err(bad(format!(
+                "{} names {} classes; the model has {classes}",
+                file.display(),
+                labels.len()
+            )));
+        }
+        Ok(labels)
     }
 
     /// Number of classes.

@@ -216,6 +216,55 @@ fn ten_class_model_has_null_labels() {
     let preds = v[0]["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 10, "top-k is capped at the class count");
     assert!(preds.iter().all(|p| p["label"].is_null()));
+
+    // With a label file (`--labels NAME=FILE`), the classes have names.
+    let names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ];
+    let file = dir.path().join("cifar10.txt");
+    std::fs::write(&file, names.join("\n")).unwrap();
+    let model = format!(
+        "small={}",
+        fixture("models/dn34c10_checkpoint.pth").display()
+    );
+    let img = fixture("images/chelsea.jpg");
+    let run = |labels: &str| {
+        diracnet(
+            &[
+                "classify",
+                "-m",
+                &model,
+                "--labels",
+                labels,
+                "--json",
+                img.to_str().unwrap(),
+            ],
+            dir.path(),
+        )
+    };
+    let out = ok(&run(&format!("small={}", file.display())));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for p in v[0]["predictions"].as_array().unwrap() {
+        let i = p["index"].as_u64().unwrap() as usize;
+        assert_eq!(p["label"], names[i], "{p}");
+    }
+    // One model: the name may be left out. A count that does not match, or an unknown model
+    // name, is an error that says so.
+    ok(&run(file.to_str().unwrap()));
+    std::fs::write(&file, names[..9].join("\n")).unwrap();
+    let e = fails(&run(file.to_str().unwrap()));
+    assert!(e.contains("names 9 classes; the model has 10"), "{e}");
+    let e = fails(&run(&format!("big={}", file.display())));
+    assert!(e.contains("no model named \"big\""), "{e}");
 }
 
 #[test]

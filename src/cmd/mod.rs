@@ -35,6 +35,12 @@ pub struct ModelArgs {
         default_value = "diracnet18"
     )]
     pub models: Vec<String>,
+    /// Class names for a model from a file: `NAME=FILE`, or `FILE` with one model. One label per
+    /// line in logit order, or `WNID LABEL` per line; it must name as many classes as the model
+    /// has. Repeat for several models. [default: the registry's list, else ImageNet's for
+    /// 1000-class models]
+    #[arg(long = "labels", env = "DIRACNET_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Cache folder for downloads and converted weights
     /// [default: $XDG_CACHE_HOME/diracnet or ~/.cache/diracnet].
     #[arg(long, env = "DIRACNET_CACHE")]
@@ -88,10 +94,32 @@ impl ModelArgs {
     /// The models as named, resolved against the built-in registry.
     pub fn specs(&self) -> Result<Vec<ModelSpec>> {
         let registry = Registry::builtin()?;
-        self.models
+        let mut specs = self
+            .models
             .iter()
             .map(|m| Ok(ModelSpec::parse(m, &registry)?))
-            .collect()
+            .collect::<Result<Vec<ModelSpec>>>()?;
+        for given in &self.labels {
+            let (name, file) = match given.split_once('=') {
+                Some((name, file)) => (Some(name.trim()), file.trim()),
+                None => (None, given.trim()),
+            };
+            let spec = match name {
+                Some(name) => specs.iter_mut().find(|s| s.name == name).ok_or_else(|| {
+                    let served: Vec<&str> = self.models.iter().map(String::as_str).collect();
+                    anyhow::anyhow!(
+                        "--labels {given}: no model named {name:?} (models: {})",
+                        served.join(", ")
+                    )
+                })?,
+                None if specs.len() == 1 => &mut specs[0],
+                None => anyhow::bail!(
+                    "--labels {given}: with several models, say which one: --labels NAME=FILE"
+                ),
+            };
+            spec.labels = Some(PathBuf::from(file));
+        }
+        Ok(specs)
     }
 
     /// Opens the device and resolves the conv implementation and dtype for it.

@@ -40,6 +40,9 @@ pub struct ModelSpec {
     pub name: String,
     /// Weights source.
     pub source: Source,
+    /// A label file given for this model (`--labels NAME=FILE`), which takes the place of the
+    /// list its source would get.
+    pub labels: Option<PathBuf>,
 }
 
 impl ModelSpec {
@@ -89,7 +92,11 @@ impl ModelSpec {
                 "cannot derive a model name from SOURCE; use NAME=SOURCE",
             ));
         }
-        Ok(Self { name, source })
+        Ok(Self {
+            name,
+            source,
+            labels: None,
+        })
     }
 }
 
