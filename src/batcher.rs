@@ -70,8 +70,9 @@ pub enum JobError {
 /// What a computed job gets back.
 #[derive(Debug, Clone)]
 pub struct JobOutput {
-    /// Logits for the job's image.
-    pub logits: Vec<f32>,
+    /// The compute function's row for the job's image (the server's: its logits, then its
+    /// embedding).
+    pub row: Vec<f32>,
     /// Time from submission to the start of its batch's forward pass.
     pub queue_time: Duration,
     /// Duration of its batch's forward pass.
@@ -508,9 +509,9 @@ fn compute_thread(
             Ok(rows) if rows.len() == size => {
                 observer.batch_done(size, inference, &queue_times);
                 throughput.record(size, inference);
-                for ((job, logits), queue_time) in batch.into_iter().zip(rows).zip(queue_times) {
+                for ((job, row), queue_time) in batch.into_iter().zip(rows).zip(queue_times) {
                     let _ = job.reply.send(Ok(JobOutput {
-                        logits,
+                        row,
                         queue_time,
                         inference_time: inference,
                         batch_size: size,
@@ -519,7 +520,7 @@ fn compute_thread(
             }
             other => {
                 let e = match other {
-                    Ok(rows) => format!("{} rows of logits for a batch of {size}", rows.len()),
+                    Ok(rows) => format!("{} output rows for a batch of {size}", rows.len()),
                     Err(e) => e,
                 };
                 tracing::error!(model, error = %e, "inference failed");
@@ -659,7 +660,7 @@ mod tests {
         // B left the queue at its deadline: the next batch is 32 of the other 62, without B.
         model.release.send(()).expect("compute thread");
         let a = a.expect("room").pop().expect("a ticket").wait().await;
-        assert_eq!(a.expect("computed").logits, vec![1.0]);
+        assert_eq!(a.expect("computed").row, vec![1.0]);
         let batch = model.batches.recv().await.expect("a batch");
         assert_eq!(batch, vec![0.0; 32], "the largest batch, without B");
         drop(rest);
@@ -678,7 +679,7 @@ mod tests {
         let good = batcher
             .run(vec![vec![3.0]], far(), batcher.reserve(1).expect("room"))
             .await;
-        assert_eq!(good.expect("computed")[0].logits, vec![3.0]);
+        assert_eq!(good.expect("computed")[0].row, vec![3.0]);
         assert_eq!(model.batches.recv().await, Some(vec![-1.0]));
         assert_eq!(model.batches.recv().await, Some(vec![3.0]));
     }

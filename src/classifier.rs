@@ -126,6 +126,11 @@ impl Classifier {
     /// Logits, one row per image, for normalised `[3, 224, 224]` images (CHW, f32), in one
     /// forward pass.
     pub fn logits(&self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.logits_tensor(&Self::batch(images)?)
+    }
+
+    /// `[N, 3, 224, 224]` on the CPU from normalised CHW images.
+    fn batch(images: &[&[f32]]) -> Result<Tensor, ModelError> {
         let mut flat = Vec::with_capacity(images.len() * INPUT_LEN);
         for img in images {
             if img.len() != INPUT_LEN {
@@ -135,12 +140,11 @@ impl Classifier {
             }
             flat.extend_from_slice(img);
         }
-        let x = Tensor::from_vec(
+        Ok(Tensor::from_vec(
             flat,
             (images.len(), INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE),
             &Device::Cpu,
-        )?;
-        self.logits_tensor(&x)
+        )?)
     }
 
     /// [`Classifier::logits`] in forward passes of at most `batch` images, so that memory stays
@@ -155,6 +159,32 @@ impl Classifier {
             logits.extend(self.logits(chunk)?);
         }
         Ok(logits)
+    }
+
+    /// Length of an embedding: the pooled features the classifier reads (the last group's width,
+    /// 512 for DiracNet-18/34).
+    pub fn embedding_len(&self) -> usize {
+        self.model
+            .architecture()
+            .widths
+            .last()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// One row per image of normalised `[3, 224, 224]` images, in one forward pass: its logits
+    /// ([`Self::classes`] values) followed by its embedding ([`Self::embedding_len`] values).
+    /// [`Self::split_outputs`] takes a row apart.
+    pub fn outputs(&self, images: &[&[f32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let x = Self::batch(images)?;
+        let (logits, embedding) = self.model.forward_with_embedding(&x)?;
+        let both = Tensor::cat(&[&logits, &embedding], 1)?;
+        Ok(both.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
+    }
+
+    /// A row of [`Self::outputs`] as its logits and its embedding.
+    pub fn split_outputs<'a>(&self, row: &'a [f32]) -> (&'a [f32], &'a [f32]) {
+        row.split_at(self.classes().min(row.len()))
     }
 
     /// Logits for a batch tensor `[N, 3, 224, 224]`.

@@ -196,14 +196,19 @@ impl Head {
         })
     }
 
-    /// `[N, classes]` logits, in the compute dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let pooled = if self.conv.is_fast() {
+    /// The embedding: `[N, channels]`, the last ReLU's output averaged over the map (the
+    /// classifier's input).
+    pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        if self.conv.is_fast() {
             // NHWC, already ReLU'd by the last conv.
-            x.mean((1, 2))?
+            x.mean((1, 2))
         } else {
-            x.relu()?.mean((2, 3))?
-        };
-        self.fc.forward(&pooled)
+            x.relu()?.mean((2, 3))
+        }
+    }
+
+    /// `[N, classes]` logits of pooled features.
+    pub fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
+        self.fc.forward(pooled)
     }
 }

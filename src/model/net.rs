@@ -139,6 +139,20 @@ impl DiracNet {
 
     /// f32 logits `[N, classes]` for a batch `[N, 3, 224, 224]` of normalised images.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let pooled = self.embed(x)?;
+        Ok(self.head.classify(&pooled)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits `[N, classes]` and embeddings `[N, channels]` (the pooled features the classifier
+    /// reads: 512 for DiracNet-18/34), both f32, from one pass.
+    pub fn forward_with_embedding(&self, x: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let pooled = self.embed(x)?;
+        let logits = self.head.classify(&pooled)?.to_dtype(DType::F32)?;
+        Ok((logits, pooled.to_dtype(DType::F32)?))
+    }
+
+    /// The pooled features, in the compute dtype.
+    fn embed(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match x.dims() {
             [_, INPUT_CHANNELS, INPUT_SIZE, INPUT_SIZE] => {}
             d => return Err(ModelError::InputShape { found: d.to_vec() }),
@@ -160,7 +174,7 @@ impl DiracNet {
         for group in &self.groups {
             x = group.forward(x)?;
         }
-        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.head.pool(&x)?)
     }
 }
 

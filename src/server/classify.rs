@@ -41,6 +41,10 @@ pub struct ClassifyQuery {
     /// Model to use on `/classify` (default: the first model).
     #[param(nullable = false)]
     pub model: Option<String>,
+    /// Also answer each image's embedding: the pooled features the classifier reads (512
+    /// numbers for DiracNet-18/34), for similarity search or a linear probe. Default false.
+    #[param(nullable = false)]
+    pub embedding: Option<bool>,
 }
 
 /// JSON request body: exactly one of `image` and `images`; no field may be `null` (leave it
@@ -60,6 +64,9 @@ pub struct ClassifyJson {
     /// Model to use (on `/classify`).
     #[serde(default, deserialize_with = "present")]
     pub model: Option<String>,
+    /// Also answer each image's embedding.
+    #[serde(default, deserialize_with = "present")]
+    pub embedding: Option<bool>,
 }
 
 /// A field that, when given, holds a value: `null` is an error, as the schema says.
@@ -99,6 +106,14 @@ fn model_schema() -> serde_json::Value {
     })
 }
 
+/// `embedding`, in a JSON body or a multipart form.
+fn embedding_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "boolean",
+        "description": "Also answer each image's embedding (the pooled features the classifier reads); default false.",
+    })
+}
+
 /// A schema written as JSON. Each is a constant of the right shape: a failure here is a bug,
 /// which the OpenAPI test catches.
 fn parsed(schema: serde_json::Value) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
@@ -131,6 +146,7 @@ impl utoipa::PartialSchema for ClassifyJson {
                         },
                         "top_k": top_k_schema(),
                         "model": model_schema(),
+                        "embedding": embedding_schema(),
                     },
                     "additionalProperties": false,
                 },
@@ -178,6 +194,7 @@ impl utoipa::PartialSchema for ClassifyMultipart {
                 },
                 "top_k": top_k_schema(),
                 "model": model_schema(),
+                "embedding": embedding_schema(),
             },
             "required": ["file"],
             "additionalProperties": false,
@@ -193,6 +210,9 @@ impl utoipa::ToSchema for ClassifyMultipart {}
 pub struct ImageResult {
     /// Best classes first.
     pub predictions: Vec<PredictionBody>,
+    /// The image's embedding, when asked for (`embedding=true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// One class.
@@ -230,6 +250,9 @@ pub struct ClassifyResponse {
     /// For several images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub results: Option<Vec<ImageResult>>,
+    /// For a single image, when asked for (`embedding=true`): its embedding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// Images and options parsed from a request.
@@ -239,6 +262,7 @@ struct Parsed {
     many: bool,
     top_k: Option<usize>,
     model: Option<String>,
+    embedding: Option<bool>,
 }
 
 /// `POST /classify`
@@ -326,6 +350,8 @@ pub struct ClassifyRequest {
 /// How to answer a classify request.
 pub struct ClassifyAnswer {
     top_k: usize,
+    /// Answer each image's embedding too.
+    embedding: bool,
     /// The client sent a list: answer `results`, not `predictions`.
     many: bool,
 }
@@ -365,26 +391,34 @@ impl Protocol for ClassifyRequest {
                 "top_k must be between 1 and {classes} (the class count)"
             )));
         }
+        let embedding = agreed(
+            "embedding",
+            [("query", query.embedding), ("body", parsed.embedding)],
+        )?
+        .unwrap_or(false);
         Ok(Call {
             model,
             inputs: Inputs::Encoded(parsed.images),
             answer: ClassifyAnswer {
                 top_k,
+                embedding,
                 many: parsed.many,
             },
         })
     }
 
-    fn respond(answer: ClassifyAnswer, model: &Classifier, inferred: Inferred) -> Response {
+    fn respond(answer: ClassifyAnswer, model: &Classifier, mut inferred: Inferred) -> Response {
         let mut results: Vec<ImageResult> = inferred
             .logits
             .iter()
-            .map(|logits| ImageResult {
+            .zip(std::mem::take(&mut inferred.embeddings))
+            .map(|(logits, embedding)| ImageResult {
                 predictions: model
                     .predictions(logits, answer.top_k)
                     .into_iter()
                     .map(PredictionBody::from)
                     .collect(),
+                embedding: answer.embedding.then_some(embedding),
             })
             .collect();
         let model = model.name.clone();
@@ -393,12 +427,19 @@ impl Protocol for ClassifyRequest {
                 model,
                 predictions: None,
                 results: Some(results),
+                embedding: None,
             }
         } else {
+            let one = results.pop();
+            let (predictions, embedding) = match one {
+                Some(r) => (Some(r.predictions), r.embedding),
+                None => (None, None),
+            };
             ClassifyResponse {
                 model,
-                predictions: results.pop().map(|r| r.predictions),
+                predictions,
                 results: None,
+                embedding,
             }
         };
         let mut response = Json(body).into_response();
@@ -458,6 +499,7 @@ async fn parse(request: Request, max_body: usize, max_images: usize) -> Result<P
             many,
             top_k: json.top_k,
             model: json.model,
+            embedding: json.embedding,
         })
     } else if essence == "multipart/form-data" {
         parse_multipart(request, max_images).await
@@ -471,6 +513,7 @@ async fn parse(request: Request, max_body: usize, max_images: usize) -> Result<P
             many: false,
             top_k: None,
             model: None,
+            embedding: None,
         })
     } else if essence.is_empty() {
         Err(ApiError::unsupported_media_type(
@@ -527,7 +570,7 @@ async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, 
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
     })?;
     let mut images = Vec::new();
-    let (mut top_k, mut model) = (None, None);
+    let (mut top_k, mut model, mut embedding) = (None, None, None);
     loop {
         let field = match mp.next_field().await {
             Ok(Some(f)) => f,
@@ -540,16 +583,17 @@ async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, 
                 .content_type()
                 .is_some_and(|c| c.starts_with("image/") || c == "application/octet-stream")
             || IMAGE_PARTS.contains(&name.as_str());
-        if !is_file && !["top_k", "model"].contains(&name.as_str()) {
+        if !is_file && !["top_k", "model", "embedding"].contains(&name.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "unknown form field {name:?}: send images as file parts (or parts named {}), \
-                 and optionally top_k and model",
+                 and optionally top_k, model and embedding",
                 IMAGE_PARTS.join(", ")
             )));
         }
         let given = match name.as_str() {
             "top_k" => top_k.is_some(),
             "model" => model.is_some(),
+            "embedding" => embedding.is_some(),
             _ => false,
         };
         if !is_file && given {
@@ -566,6 +610,18 @@ async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, 
                 })?);
             }
             "model" if !is_file => model = Some(String::from_utf8_lossy(&data).trim().to_string()),
+            "embedding" if !is_file => {
+                let text = String::from_utf8_lossy(&data);
+                embedding = Some(match text.trim() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "embedding {text:?} is not true or false"
+                        )))
+                    }
+                });
+            }
             _ if images.len() == max_images => {
                 return Err(ApiError::too_many_images(images.len() + 1, max_images))
             }
@@ -580,6 +636,7 @@ async fn parse_multipart(request: Request, max_images: usize) -> Result<Parsed, 
         images,
         top_k,
         model,
+        embedding,
     })
 }
 

@@ -80,6 +80,8 @@ pub struct Call<A> {
 pub struct Inferred {
     /// Logits, one row per image, in input order.
     pub logits: Vec<Vec<f32>>,
+    /// Embeddings (the pooled features the classifier reads), one row per image.
+    pub embeddings: Vec<Vec<f32>>,
     /// Decoding and preprocessing, all images together (zero for preprocessed input).
     pub preprocess: Duration,
     /// The longest wait of an image in the queue.
@@ -263,11 +265,20 @@ async fn run<P: Protocol>(
     let longest = |time: fn(&crate::batcher::JobOutput) -> Duration| {
         outputs.iter().map(time).max().unwrap_or_default()
     };
+    // Each row is the image's logits, then its embedding (`Classifier::outputs`).
+    let (logits, embeddings) = outputs
+        .iter()
+        .map(|o| {
+            let (l, e) = model.classifier.split_outputs(&o.row);
+            (l.to_vec(), e.to_vec())
+        })
+        .unzip();
     let inferred = Inferred {
         queue: longest(|o| o.queue_time),
         inference: longest(|o| o.inference_time),
         preprocess,
-        logits: outputs.into_iter().map(|o| o.logits).collect(),
+        logits,
+        embeddings,
     };
     let (images, timings) = (
         inferred.logits.len(),

@@ -4,10 +4,17 @@
 //!   `GET /v2/models/{m}`, `GET /v2/models/{m}/ready`;
 //! * `POST /v2/models/{m}/infer` with one input, either
 //!   `FP32 [N, 3, 224, 224]` (already preprocessed) or `BYTES [N]` of base64-encoded image files;
-//!   outputs `logits` (FP32 `[N, classes]`) and/or `probabilities` (softmax). The classification
+//!   outputs `logits` (FP32 `[N, classes]`), `probabilities` (softmax) and/or `embedding` (FP32
+//!   `[N, 512]`: the pooled features the classifier reads). The classification
 //!   extension (`outputs[].parameters.classification = k`) returns BYTES `[N, k]` strings
 //!   `"value:index:label"` (Triton's format; `value` is the output's value: the logit, or the
-//!   probability for `probabilities`). The request `id` is echoed.
+//!   probability for `probabilities`). The request `id` is echoed;
+//! * Triton's binary tensor data extension both ways (`binary_data_size`, `binary_data`,
+//!   `binary_data_output`, the `Inference-Header-Content-Length` header), as `tritonclient`
+//!   sends and asks by default;
+//! * every model route also under `/versions/1` (the only version);
+//! * Triton's statistics extension: `GET /v2/models/stats`, `/v2/models/{m}[/versions/1]/stats`,
+//!   from the per-model sums of [`super::metrics`].
 //!
 //! `infer` only reads the request and writes the answer ([`KServeInfer`], a [`Protocol`]);
 //! [`super::infer`] runs it. The body is parsed on the blocking pool, straight into `f32` rows or
@@ -107,7 +114,7 @@ pub struct RequestInput {
 /// A requested output.
 #[derive(Debug, utoipa::ToSchema)]
 pub struct RequestOutput {
-    /// `logits` or `probabilities`.
+    /// `logits`, `probabilities` or `embedding`.
     pub name: String,
     /// `{"classification": k}` for the classification extension, `{"binary_data": true}` for the
     /// output as binary data after the JSON (other parameters are ignored and not kept).
@@ -338,6 +345,11 @@ pub async fn model_metadata(
                 name: "probabilities",
                 datatype: "FP32",
                 shape: vec![-1, classes],
+            },
+            TensorMetadata {
+                name: "embedding",
+                datatype: "FP32",
+                shape: vec![-1, m.classifier.embedding_len() as i64],
             },
         ],
     }))
@@ -636,7 +648,6 @@ impl Protocol for KServeInfer {
     }
 
     fn respond(answer: KServeAnswer, model: &Classifier, inferred: Inferred) -> Response {
-        let classes = model.classes();
         let logits = inferred.logits;
         let n = logits.len();
         let labels = model.labels.as_ref();
@@ -645,13 +656,14 @@ impl Protocol for KServeInfer {
             .outputs
             .into_iter()
             .map(|spec| {
-                let rows: Vec<Vec<f32>> = if spec.name == "probabilities" {
-                    logits.iter().map(|l| softmax(l)).collect()
-                } else {
-                    logits.clone()
+                let rows: Vec<Vec<f32>> = match spec.name.as_str() {
+                    "probabilities" => logits.iter().map(|l| softmax(l)).collect(),
+                    "embedding" => inferred.embeddings.clone(),
+                    _ => logits.clone(),
                 };
+                let width = rows.first().map_or(0, Vec::len);
                 let (shape, datatype, data) = match spec.classification {
-                    None => (vec![n, classes], "FP32", OutputData::Fp32(rows.concat())),
+                    None => (vec![n, width], "FP32", OutputData::Fp32(rows.concat())),
                     Some(k) => (
                         vec![n, k],
                         "BYTES",
@@ -737,14 +749,20 @@ fn requested_outputs(request: &InferRequest, classes: usize) -> Result<Vec<Outpu
     outputs
         .iter()
         .map(|o| {
-            if o.name != "logits" && o.name != "probabilities" {
+            if !["logits", "probabilities", "embedding"].contains(&o.name.as_str()) {
                 return Err(ApiError::bad_request(format!(
-                    "unknown output {:?}: this model has \"logits\" and \"probabilities\"",
+                    "unknown output {:?}: this model has \"logits\", \"probabilities\" and \
+                     \"embedding\"",
                     o.name
                 )));
             }
             let k = match o.parameters.get("classification") {
                 None => None,
+                Some(_) if o.name == "embedding" => {
+                    return Err(ApiError::bad_request(
+                        "classification applies to logits and probabilities, not the embedding",
+                    ))
+                }
                 Some(v) => match v.as_u64() {
                     Some(k) if k >= 1 && (k as usize) <= classes => Some(k as usize),
                     _ => {

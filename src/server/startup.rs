@@ -48,7 +48,8 @@ pub(super) async fn load_models(state: &AppState) -> Result<Vec<ServedModel>, Se
         let network = classifier.clone();
         let batcher = Batcher::spawn(
             &spec.name,
-            move |rows: &[&[f32]]| network.logits(rows).map_err(|e| e.to_string()),
+            // Each image's logits and embedding: `infer` splits them.
+            move |rows: &[&[f32]]| network.outputs(rows).map_err(|e| e.to_string()),
             config.batch,
             state.metrics.observer(&spec.name),
         )

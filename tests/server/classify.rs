@@ -317,3 +317,147 @@ async fn api_key_guards_inference_only() {
     }
     s.stop().await;
 }
+
+/// The embedding (`embedding=true` on `/classify`, the `embedding` output of KServe v2) is the
+/// classifier's input: `fc.weight · embedding + fc.bias` gives the logits, computed here from
+/// the weights file itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_what_the_classifier_reads() {
+    let weights = crate::common::fixture("models/dn18w16.safetensors");
+    let s = TestServer::start(|c| config(&[weights.to_str().unwrap()], c)).await;
+    let c = Client::new();
+    let jpg = image("chelsea.jpg");
+    let numbers = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+
+    let (st, _, one) = json_of(
+        c.post(s.url("/classify?embedding=true&top_k=1000"))
+            .header("content-type", "image/jpeg")
+            .body(jpg.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{one}");
+    let embedding = numbers(&one["embedding"]);
+    let bytes = std::fs::read(&weights).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensor = |name: &str| -> Vec<f32> {
+        file.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (w, b) = (tensor("fc.weight"), tensor("fc.bias"));
+    assert_eq!(
+        w.len(),
+        b.len() * embedding.len(),
+        "512-d for the full width; here the fixture's"
+    );
+    assert!(embedding.iter().all(|&x| x >= 0.0), "pooled after a ReLU");
+    // The best class by W·e + b is the answer's top-1, and W·e + b ranks the classes as the
+    // answer does.
+    let logits: Vec<f32> = b
+        .iter()
+        .enumerate()
+        .map(|(i, bias)| {
+            bias + w[i * embedding.len()..][..embedding.len()]
+                .iter()
+                .zip(&embedding)
+                .map(|(a, x)| a * x)
+                .sum::<f32>()
+        })
+        .collect();
+    let ranked: Vec<u64> = one["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["index"].as_u64().unwrap())
+        .collect();
+    let mut ours: Vec<usize> = (0..logits.len()).collect();
+    ours.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    assert_eq!(ours[0] as u64, ranked[0]);
+    // Softmax scores from these logits match the answer's.
+    let max = logits.iter().fold(f32::MIN, |m, &x| m.max(x));
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let p0 = (f64::from(logits[ours[0]] - max).exp() / sum) as f32;
+    let got = one["predictions"][0]["score"].as_f64().unwrap() as f32;
+    assert!((p0 - got).abs() < 1e-5, "{p0} vs {got}");
+
+    // Without the option: no embedding. With JSON and several images: one per result.
+    let (_, _, plain) = json_of(
+        c.post(s.url("/classify"))
+            .header("content-type", "image/jpeg")
+            .body(jpg.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(plain.get("embedding").is_none(), "{plain}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&jpg);
+    let (st, _, many) = json_of(
+        c.post(s.url("/classify"))
+            .header("content-type", "application/json")
+            .body(json!({"images": [b64, b64], "embedding": true}).to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{many}");
+    for r in many["results"].as_array().unwrap() {
+        assert_eq!(numbers(&r["embedding"]), embedding);
+    }
+    let (ct, body) = multipart(&[
+        ("file", Some("cat.jpg"), &jpg),
+        ("embedding", None, b"true"),
+    ]);
+    let (st, _, mp) = json_of(
+        c.post(s.url("/classify"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{mp}");
+    assert_eq!(numbers(&mp["embedding"]), embedding);
+
+    // KServe v2: the `embedding` output, listed in the metadata.
+    let model = one["model"].as_str().unwrap();
+    let (_, _, meta) = json_of(
+        c.get(s.url(&format!("/v2/models/{model}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(meta["outputs"][2]["name"], "embedding");
+    assert_eq!(meta["outputs"][2]["shape"], json!([-1, embedding.len()]));
+    let req = json!({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "outputs": [{"name": "embedding"}],
+    });
+    let (st, _, v) = json_of(
+        c.post(s.url(&format!("/v2/models/{model}/infer")))
+            .body(req.to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][0]["shape"], json!([1, embedding.len()]));
+    assert_eq!(numbers(&v["outputs"][0]["data"]), embedding);
+    s.stop().await;
+}
