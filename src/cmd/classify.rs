@@ -84,6 +84,7 @@ pub async fn run(args: &ClassifyArgs) -> Result<()> {
         bail!("--logits needs --format json or jsonl");
     }
     let entries = stream::walk(&args.inputs);
+    super::warn_without_jpeg_simd();
     if entries.is_empty() {
         bail!("no image files found in the inputs");
     }

@@ -101,6 +101,7 @@ pub async fn run(args: &EvalArgs) -> Result<()> {
     let backend = args.models.backend()?;
     let opts = args.models.weights_options();
     let mut out = Stdout::new();
+    super::warn_without_jpeg_simd();
     for spec in args.models.specs()? {
         let started = Instant::now();
         let clf = Classifier::load(&spec, &opts, &backend)

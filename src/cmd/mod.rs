@@ -90,6 +90,17 @@ fn choice<T: ValueEnum>(s: &str) -> Result<T, String> {
     })
 }
 
+/// Warns when JPEGs will decode without SIMD (a build without `nasm`): about 3× slower, and
+/// cargo does not show the build's own warning.
+pub fn warn_without_jpeg_simd() {
+    if !diracnet::preprocess::jpeg_simd() {
+        tracing::warn!(
+            "JPEG decoding runs without SIMD (built without nasm): about 3x slower; install \
+             nasm (apt-get install nasm) and rebuild"
+        );
+    }
+}
+
 impl ModelArgs {
     /// The models as named, resolved against the built-in registry.
     pub fn specs(&self) -> Result<Vec<ModelSpec>> {

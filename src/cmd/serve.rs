@@ -101,6 +101,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if !(args.max_batch_delay_ms.is_finite() && args.max_batch_delay_ms >= 0.0) {
         bail!("--max-batch-delay-ms must be a non-negative number");
     }
+    super::warn_without_jpeg_simd();
     let config = ServeConfig {
         models: args.models.specs()?,
         weights: args.models.weights_options(),

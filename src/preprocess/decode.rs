@@ -199,6 +199,22 @@ pub(super) fn decode_jpeg(
     }
 }
 
+extern "C" {
+    /// libjpeg-turbo's own test of its SIMD inverse DCT: 1 when the library was built with its
+    /// SIMD code (`nasm` present at build time) and this CPU runs it. Defined in both builds
+    /// (`jsimd_none.c` answers 0).
+    fn jsimd_can_idct_islow() -> c_int;
+}
+
+/// True when JPEGs decode with libjpeg-turbo's SIMD code. Without `nasm` at build time
+/// mozjpeg-sys falls back to plain C (about 3× slower), and cargo hides its warning, so the
+/// server reports this in `/info` and logs a warning.
+pub fn jpeg_simd() -> bool {
+    // SAFETY: `int jsimd_can_idct_islow(void)`: no arguments; it reads the CPU's features into
+    // the library's thread-local state and returns an int.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 /// libjpeg's error manager as we configure it: a fatal error unwinds with libjpeg's message
 /// (caught by [`decode_jpeg`]), and so does a warning that the data ran out
 /// (`JWRN_JPEG_EOF`: "premature end of JPEG file"; `JWRN_HIT_MARKER`: "premature end of data

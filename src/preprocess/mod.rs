@@ -51,7 +51,7 @@ mod decode;
 mod normalize;
 mod resize;
 
-pub use decode::decode_rgb8;
+pub use decode::{decode_rgb8, jpeg_simd};
 pub use normalize::normalize;
 pub use resize::{crop_offset, resize_crop, resize_crop_with, scaled_size, CubicArithmetic};
 

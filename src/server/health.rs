@@ -132,6 +132,9 @@ pub struct Info {
     pub max_body_bytes: usize,
     /// Largest image, pixels.
     pub max_pixels: u64,
+    /// Whether JPEGs decode with libjpeg-turbo's SIMD code; false when the build lacked `nasm`
+    /// (decoding about 3× slower).
+    pub jpeg_simd: bool,
 }
 
 /// Model list.
@@ -203,6 +206,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<Info> {
         },
         max_body_bytes: c.max_body_bytes,
         max_pixels: c.max_pixels,
+        jpeg_simd: crate::preprocess::jpeg_simd(),
     })
 }
 

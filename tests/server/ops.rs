@@ -142,6 +142,21 @@ async fn info_openapi_and_docs() {
         "{info}"
     );
     assert_eq!(info["batching"]["max_batch_size"], 32);
+    // The JPEG decoder's SIMD: reported (the build here, with nasm, has it, as CI's does:
+    // `.ci/run` installs nasm).
+    assert!(info["jpeg_simd"].is_boolean(), "{info}");
+    if std::process::Command::new("nasm")
+        .arg("-v")
+        .output()
+        .is_ok()
+    {
+        assert_eq!(
+            info["jpeg_simd"], true,
+            "built with nasm on PATH, yet no SIMD"
+        );
+    }
+    // No published accuracy for a model from a file.
+    assert!(info["models"][0]["published"].is_null(), "{info}");
     // A local weights file is shown by its name, never its directory.
     assert_eq!(info["models"][0]["source"], "dn18w16_v03.pth");
     let (_, _, list) = json_of(c.get(s.url("/v1/models")).send().await.unwrap()).await;
