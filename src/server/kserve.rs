@@ -105,9 +105,10 @@ pub struct RequestInput {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub parameters: Map<String, Value>,
-    /// Row-major values, flat or nested: numbers for FP32, base64 strings for BYTES. Absent
-    /// when the tensor is sent as binary data.
-    #[schema(schema_with = tensor_data_schema)]
+    /// Row-major values, flat or nested: numbers for FP32, base64 strings for BYTES. (Left out
+    /// only in a binary request, whose body is not JSON alone: there `binary_data_size` says
+    /// how many bytes after the JSON hold the tensor.)
+    #[schema(schema_with = tensor_data_schema, required = true)]
     pub data: Option<TensorData>,
 }
 
@@ -2110,14 +2111,14 @@ mod tests {
             .map(|a| a.iter().map(|s| &s["type"]).collect())
             .unwrap_or_default();
         assert_eq!(kinds, ["number", "string", "array"], "{schema}");
-        // As a field of an input, optional (absent with binary data, then `binary_data_size` in
-        // the parameters), as parameters are.
+        // As a field of an input, required in a JSON request (a binary one is not JSON alone);
+        // parameters are not.
         let input = serde_json::to_value(<RequestInput as utoipa::PartialSchema>::schema())
             .unwrap_or_default();
         assert_eq!(input["properties"]["data"]["type"], "array", "{input}");
         assert_eq!(
             input["required"],
-            serde_json::json!(["name", "shape", "datatype"]),
+            serde_json::json!(["name", "shape", "datatype", "data"]),
             "{input}"
         );
         let request = serde_json::to_value(<InferRequest as utoipa::PartialSchema>::schema())
