@@ -91,6 +91,19 @@ pub fn class_of(name: &str, labels: Option<&Labels>, classes: usize) -> Result<u
     }
 }
 
+/// The paths in `dir` (not sorted).
+fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+    let io = |source| EvalError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)
+}
+
 /// An ImageFolder tree: one subfolder of `dir` per class, named by its WordNet id or class
 /// index ([`class_of`]), holding that class's images (walked recursively, [`stream::walk`]).
 /// Classes run in folder-name order.
@@ -99,15 +112,7 @@ pub fn image_folder(
     labels: Option<&Labels>,
     classes: usize,
 ) -> Result<Samples, EvalError> {
-    let io = |source| EvalError::Io {
-        path: dir.display().to_string(),
-        source,
-    };
-    let mut folders: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
+    let mut folders = list(dir)?;
     folders.retain(|p| p.is_dir());
     folders.sort();
     if folders.is_empty() {
@@ -172,15 +177,7 @@ pub fn with_ground_truth(
             })?;
         truth.insert(id.trim().to_string(), target);
     }
-    let io = |source| EvalError::Io {
-        path: dir.display().to_string(),
-        source,
-    };
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
+    let mut files = list(dir)?;
     files.retain(|p| stream::is_image_file(p) && p.is_file());
     files.sort();
     let mut samples = Samples::default();

@@ -120,6 +120,17 @@ pub struct Options {
     pub max_pixels: u64,
 }
 
+impl Options {
+    /// Chunks of `batch` inputs (a forward pass each), decoded on every available core.
+    pub fn for_batches(batch: usize, max_pixels: u64) -> Self {
+        Self {
+            chunk: batch,
+            workers: thread::available_parallelism().map_or(1, |n| n.get()),
+            max_pixels,
+        }
+    }
+}
+
 /// Preprocessed rows, a chunk at a time, in input order; see the module docs.
 pub struct Stream {
     rx: mpsc::Receiver<Vec<Row>>,

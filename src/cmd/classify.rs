@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diracnet::{
     classifier::Classifier,
-    device,
     prediction::Prediction,
     preprocess::DEFAULT_MAX_PIXELS,
     stream::{self, Row, Stream},
@@ -97,19 +96,7 @@ pub async fn run(args: &ClassifyArgs) -> Result<()> {
     let opts = args.models.weights_options();
     let mut models = Vec::new();
     for spec in &specs {
-        let started = Instant::now();
-        let clf = Classifier::load(spec, &opts, &backend)
-            .await
-            .with_context(|| format!("model {}", spec.name))?;
-        tracing::info!(
-            model = %clf.name,
-            device = %device::describe(backend.device()),
-            conv = %backend.conv_description(),
-            dtype = backend.dtype_name(),
-            seconds = started.elapsed().as_secs_f64(),
-            "model loaded"
-        );
-        models.push(clf);
+        models.push(super::load_model(spec, &opts, &backend).await?);
     }
     tokio::task::block_in_place(|| classify(args, format, &models, entries))
 }
@@ -123,16 +110,11 @@ fn classify(
 ) -> Result<()> {
     let total = entries.len();
     let progress = progress_bar(total as u64);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let stream = Stream::start(
         entries,
-        stream::Options {
-            chunk: args.batch as usize,
-            workers,
-            max_pixels: args.max_pixels,
-        },
+        stream::Options::for_batches(args.batch as usize, args.max_pixels),
     )
-    .context("starting the preprocessing thread")?;
+    .context("starting the preprocessing threads")?;
     let mut out = Writer::new(format, progress.clone());
     let (mut images, mut failed) = (0usize, 0usize);
     let started = Instant::now();

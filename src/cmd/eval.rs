@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use diracnet::{
     classifier::Classifier,
-    device,
     eval::{self, Samples, Tally},
     prediction::Prediction,
     preprocess::DEFAULT_MAX_PIXELS,
@@ -103,18 +102,7 @@ pub async fn run(args: &EvalArgs) -> Result<()> {
     let mut out = Stdout::new();
     super::warn_without_jpeg_simd();
     for spec in args.models.specs()? {
-        let started = Instant::now();
-        let clf = Classifier::load(&spec, &opts, &backend)
-            .await
-            .with_context(|| format!("model {}", spec.name))?;
-        tracing::info!(
-            model = %clf.name,
-            device = %device::describe(backend.device()),
-            conv = %backend.conv_description(),
-            dtype = backend.dtype_name(),
-            seconds = started.elapsed().as_secs_f64(),
-            "model loaded"
-        );
+        let clf = super::load_model(&spec, &opts, &backend).await?;
         let samples = samples(args, &clf)?;
         let summary = tokio::task::block_in_place(|| evaluate(args, &clf, samples))?;
         if args.json {
@@ -155,16 +143,11 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
         None => None,
     };
     let progress = progress_bar(total as u64);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let stream = Stream::start(
         samples.entries,
-        stream::Options {
-            chunk: batch,
-            workers,
-            max_pixels: args.max_pixels,
-        },
+        stream::Options::for_batches(batch, args.max_pixels),
     )
-    .context("starting the preprocessing thread")?;
+    .context("starting the preprocessing threads")?;
     let mut tally = Tally::default();
     let started = Instant::now();
     for chunk in stream {

@@ -101,6 +101,28 @@ pub fn warn_without_jpeg_simd() {
     }
 }
 
+/// Loads `spec` on `backend` (fetching and converting as needed) and logs how it computes.
+pub async fn load_model(
+    spec: &ModelSpec,
+    opts: &WeightsOptions,
+    backend: &Backend,
+) -> Result<diracnet::classifier::Classifier> {
+    use anyhow::Context as _;
+    let started = std::time::Instant::now();
+    let clf = diracnet::classifier::Classifier::load(spec, opts, backend)
+        .await
+        .with_context(|| format!("model {}", spec.name))?;
+    tracing::info!(
+        model = %clf.name,
+        device = %diracnet::device::describe(backend.device()),
+        conv = %backend.conv_description(),
+        dtype = backend.dtype_name(),
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(clf)
+}
+
 impl ModelArgs {
     /// The models as named, resolved against the built-in registry.
     pub fn specs(&self) -> Result<Vec<ModelSpec>> {

@@ -56,16 +56,7 @@ pub(super) fn open(
         .map_err(|e| map_image_error(e, format))?;
 
     let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(PreprocessError::ZeroSize { width, height });
-    }
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(PreprocessError::TooManyPixels {
-            width,
-            height,
-            limit: max_pixels,
-        });
-    }
+    check_size(width, height, max_pixels)?;
     // OpenCV ignores EXIF it cannot parse; so do we.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     Ok(Opened {
@@ -197,6 +188,21 @@ pub(super) fn decode_jpeg(
             panic_message(&*payload, "libjpeg error"),
         )),
     }
+}
+
+/// An image of `width × height` may be preprocessed: it has pixels, at most `max_pixels`.
+pub(super) fn check_size(width: u32, height: u32, max_pixels: u64) -> Result<(), PreprocessError> {
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::ZeroSize { width, height });
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(PreprocessError::TooManyPixels {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    Ok(())
 }
 
 extern "C" {

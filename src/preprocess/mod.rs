@@ -198,16 +198,7 @@ pub fn from_rgb8(
     pixels: Vec<u8>,
     max_pixels: u64,
 ) -> Result<Vec<f32>, PreprocessError> {
-    if width == 0 || height == 0 {
-        return Err(PreprocessError::ZeroSize { width, height });
-    }
-    if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(PreprocessError::TooManyPixels {
-            width,
-            height,
-            limit: max_pixels,
-        });
-    }
+    decode::check_size(width, height, max_pixels)?;
     let len = pixels.len();
     let image = image::RgbImage::from_raw(width, height, pixels).ok_or_else(|| {
         PreprocessError::DecodeFailed {
