@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
     name = "diracnet",
     version,
     about = "Image classification with the pretrained folded DiracNets (Zagoruyko & Komodakis, 2017) on candle",
-    after_help = "Examples:\n  diracnet serve --model diracnet18 --port 8080\n  diracnet classify cat.jpg\n  diracnet classify --model diracnet34 --top-k 3 --json a.jpg b.png\n  diracnet fetch --model diracnet18 --model diracnet34\n  diracnet convert diracnet18v2folded-a2174e15.pth dn18.safetensors\n  diracnet preprocess cat.jpg -o cat.npy\n\nEvery flag can also be set through the environment variable shown in its help."
+    after_help = "Examples:\n  diracnet serve --model diracnet18 --port 8080\n  diracnet classify cat.jpg\n  diracnet classify --model diracnet34 --top-k 3 --json a.jpg b.png\n  diracnet classify --format jsonl photos/ > results.jsonl\n  diracnet eval ~/imagenet/val\n  diracnet fetch --model diracnet18 --model diracnet34\n  diracnet convert diracnet18v2folded-a2174e15.pth dn18.safetensors\n  diracnet preprocess cat.jpg -o cat.npy\n\nEvery flag can also be set through the environment variable shown in its help."
 )]
 struct Cli {
     /// Log output format.
@@ -55,7 +55,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve models over HTTP: /classify, KServe v2, health, metrics, OpenAPI (/docs).
+    /// Serve models over HTTP: a web page (/), /classify, KServe v2, health, metrics, OpenAPI
+    /// (/docs).
     #[command(
         after_help = "Examples:\n  diracnet serve\n  diracnet serve --model diracnet18 --model diracnet34 --port 9000\n  DIRACNET_API_KEY=secret diracnet serve --max-batch-size 8 --max-batch-delay-ms 5\n  diracnet serve --api-key-file /run/secrets/api-key\n  curl -T cat.jpg -H 'Content-Type: image/jpeg' localhost:8080/classify\n\nEach request is logged in one INFO line (method, route, status, model, images, timings, error\ntype, request id); the probes /healthz, /readyz, /metrics and /v2/health/* at DEBUG. A client's\nx-request-id is kept when it is 1-128 visible ASCII characters, else replaced by a fresh UUID."
     )]
@@ -74,9 +75,10 @@ enum Command {
     /// of shape [1, 3, 224, 224].
     #[command(after_help = "Example:\n  diracnet preprocess cat.jpg -o cat.npy")]
     Preprocess(cmd::preprocess::PreprocessArgs),
-    /// Classify images, or preprocessed `.npy` tensors [N, 3, 224, 224].
+    /// Classify images, folders of images, or `.npy` arrays (preprocessed [N, 3, 224, 224], or
+    /// uint8 RGB pixels); results stream as batches finish.
     #[command(
-        after_help = "Examples:\n  diracnet classify cat.jpg dog.png\n  diracnet classify --model diracnet34 --json --logits cat.jpg\n  diracnet classify --offline --cache-dir /data batch.npy"
+        after_help = "Examples:\n  diracnet classify cat.jpg dog.png\n  diracnet classify --model diracnet34 --json --logits cat.jpg\n  diracnet classify --format csv --top-k 1 ~/Pictures > labels.csv\n  diracnet classify --offline --cache-dir /data batch.npy pixels_uint8.npy\n\nA file that cannot be read or decoded gives a row with its error and the run goes on; the exit\nstatus is 1 if any input failed."
     )]
     Classify(cmd::classify::ClassifyArgs),
     /// Top-1 / top-5 accuracy on a labelled folder of images (ImageFolder, or flat with
