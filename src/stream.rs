@@ -22,7 +22,9 @@ use std::{
     thread,
 };
 
-use crate::{npy, preprocess};
+use std::panic::AssertUnwindSafe;
+
+use crate::{npy, panic::panic_message, preprocess};
 
 /// File extensions a directory walk takes as images (case-insensitive): the formats the
 /// decoder reads.
@@ -155,8 +157,8 @@ impl Stream {
             let worker = thread::Builder::new()
                 .name(format!("preprocess-{i}"))
                 .spawn(move || loop {
-                    // The lock is held only to take a job. A poisoned lock means a worker
-                    // panicked; the coordinator sees its rows missing and ends the stream.
+                    // The lock is held only to take a job (a worker that panics does so
+                    // outside it, below, so it is never poisoned).
                     let job = match jobs.lock() {
                         Ok(jobs) => jobs.recv(),
                         Err(_) => return,
@@ -164,10 +166,21 @@ impl Stream {
                     let Ok((slot, index, entry)) = job else {
                         return; // the coordinator is done
                     };
-                    if done
-                        .send((slot, load(index, &entry, opts.max_pixels)))
-                        .is_err()
-                    {
+                    // A panic (a bug) is that input's error row, never a missing row.
+                    let rows = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        load(index, &entry, opts.max_pixels)
+                    }))
+                    .unwrap_or_else(|payload| {
+                        vec![Row {
+                            name: entry.path.display().to_string(),
+                            entry: index,
+                            image: Err(format!(
+                                "internal error while preprocessing: {}",
+                                panic_message(&*payload, "panic")
+                            )),
+                        }]
+                    });
+                    if done.send((slot, rows)).is_err() {
                         return;
                     }
                 })?;
@@ -186,9 +199,10 @@ impl Stream {
                         }
                         sent += 1;
                     }
+                    // Every job answers (a panic as an error row), so this waits for all.
                     let mut rows: Vec<(usize, Vec<Row>)> = done_rx.iter().take(sent).collect();
                     if rows.len() < sent {
-                        return; // a worker died: end the stream rather than hang
+                        return; // no worker left: end the stream rather than hang
                     }
                     rows.sort_by_key(|(slot, _)| *slot);
                     let rows = rows.into_iter().flat_map(|(_, rows)| rows).collect();

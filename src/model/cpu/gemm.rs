@@ -325,7 +325,9 @@ struct Tile<'a> {
     add: bool,
     bias: Option<&'a [f32]>,
     /// The B panels the walk reads next (as `b`), for the kernel to prefetch as it goes; set on
-    /// the first row tile of each column of tiles only (the others find B in cache).
+    /// the first row tile of each column of tiles only (the others find B in cache). Read by
+    /// the AVX-512 kernel only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     next: Option<[*const f32; 2]>,
 }
 
