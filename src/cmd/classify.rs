@@ -125,7 +125,12 @@ fn classify(
             .collect();
         let mut logits = Vec::with_capacity(models.len());
         for clf in models {
-            logits.push(clf.logits(&good)?);
+            // A chunk of failed inputs alone needs no forward pass.
+            logits.push(if good.is_empty() {
+                Vec::new()
+            } else {
+                clf.logits(&good)?
+            });
         }
         let mut next = 0;
         for row in &chunk {

@@ -155,7 +155,12 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
             .iter()
             .filter_map(|r| r.image.as_deref().ok())
             .collect();
-        let logits = clf.logits(&good)?;
+        // A chunk of failed images alone needs no forward pass.
+        let logits = if good.is_empty() {
+            Vec::new()
+        } else {
+            clf.logits(&good)?
+        };
         let mut logits = logits.iter();
         for row in &chunk {
             let target = targets[row.entry];
