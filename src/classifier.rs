@@ -34,7 +34,7 @@ pub enum LoadError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
     /// A label file given for the model cannot be used.
-    #[error("labels of model {model}: {reason}")]
+    #[error("labels: {reason}")]
     Labels {
         /// The model.
         model: String,
@@ -148,7 +148,7 @@ impl Classifier {
     }
 
     /// [`Classifier::logits`] in forward passes of at most `batch` images, so that memory stays
-    /// bounded for any number of images.
+    /// bounded for any number of images (none for no image).
     pub fn logits_in_batches(
         &self,
         images: &[&[f32]],

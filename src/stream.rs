@@ -251,7 +251,12 @@ fn load(index: usize, entry: &Entry, max_pixels: u64) -> Vec<Row> {
     if let Some(problem) = &entry.problem {
         return failed(problem.clone());
     }
-    if entry.path.extension().and_then(|e| e.to_str()) == Some("npy") {
+    let npy = entry
+        .path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    if npy {
         let images = match npy_images(&entry.path, max_pixels) {
             Ok(images) => images,
             Err(e) => return failed(e),
@@ -280,9 +285,14 @@ fn load(index: usize, entry: &Entry, max_pixels: u64) -> Vec<Row> {
 
 /// The images of a `.npy` file: float32/float64 `[N, 3, 224, 224]` preprocessed inputs, or
 /// uint8 RGB pixels `[H, W, 3]` or `[N, H, W, 3]` (as `numpy.asarray(PIL.Image)` gives; reverse
-/// OpenCV's BGR first), which are resized, cropped and normalised like decoded files.
+/// OpenCV's BGR first), which are resized, cropped and normalised like decoded files. The file
+/// is read whole (one input of the stream, however many images it holds).
 fn npy_images(path: &Path, max_pixels: u64) -> Result<Vec<Result<Vec<f32>, String>>, String> {
-    let array = npy::read(path).map_err(|e| e.to_string())?;
+    // The row is named by the path already: the error says what is wrong with the file.
+    let array = npy::read(path).map_err(|e| match e {
+        npy::NpyError::Io { cause, .. } => format!("reading the file: {cause}"),
+        npy::NpyError::Format { reason, .. } => reason,
+    })?;
     match array.data {
         npy::NpyData::F32(data) => {
             let inputs = crate::tensor::HostTensor {
@@ -290,7 +300,8 @@ fn npy_images(path: &Path, max_pixels: u64) -> Result<Vec<Result<Vec<f32>, Strin
                 data,
             };
             match inputs.input_rows() {
-                Some(rows) => Ok(rows.map(|r| Ok(r.to_vec())).collect()),
+                Some(rows) if rows.len() > 0 => Ok(rows.map(|r| Ok(r.to_vec())).collect()),
+                Some(_) => Err("the array holds no image (N = 0)".into()),
                 None => Err(format!(
                     "float shape {:?}; expected preprocessed inputs [N, 3, 224, 224]",
                     inputs.shape
@@ -311,6 +322,9 @@ fn npy_images(path: &Path, max_pixels: u64) -> Result<Vec<Result<Vec<f32>, Strin
             let (Ok(wu), Ok(hu)) = (u32::try_from(w), u32::try_from(h)) else {
                 return Err(format!("{w}x{h} pixels: too large"));
             };
+            if n == 0 {
+                return Err("the array holds no image (N = 0)".into());
+            }
             let per_image = h * w * 3;
             Ok((0..n)
                 .map(|i| {

@@ -589,6 +589,25 @@ fn classify_takes_float64_inputs_and_uint8_pixel_arrays() {
             assert!((a - b).abs() <= 1e-5 * max, "{a} vs {b}");
         }
     }
+    // The extension in any case; an array of no image is an error row, not silence.
+    let upper = dir.path().join("INPUTS64.NPY");
+    std::fs::copy(&f64s, &upper).unwrap();
+    assert_eq!(logits(&upper).len(), inputs.shape[0]);
+    let empty = dir.path().join("empty.npy");
+    write_npy(&empty, "<f4", &[0, 3, 224, 224], &[]);
+    let out = diracnet(
+        &[
+            "classify",
+            "-m",
+            model,
+            "--format",
+            "jsonl",
+            empty.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    fails(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no image (N = 0)"));
     // Any other shape is the file's error row.
     let flat = dir.path().join("flat.npy");
     write_npy(&flat, "|u1", &[12], &[0; 12]);
@@ -696,6 +715,34 @@ fn eval_counts_top1_and_top5_on_image_folders_and_ground_truth_csvs() {
         (Some(2), Some(coffee_class as u64))
     );
     assert_eq!(coffee_line["top5"].as_array().unwrap().len(), 5);
+
+    // Two models: each one's summary, and every prediction line names its model.
+    let two = ok(&diracnet(
+        &[
+            "eval",
+            "-m",
+            &format!("a={model}"),
+            "-m",
+            &format!("b={model}"),
+            "--json",
+            "--predictions",
+            preds.to_str().unwrap(),
+            tree.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    let models: Vec<String> = two
+        .lines()
+        .map(|l| summary(l)["model"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(models, ["a", "b"]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines.iter().filter(|l| l["model"] == "b").count(), 3);
 
     // --limit 1 keeps one image (spread over the list: the first).
     let s = summary(&ok(&diracnet(

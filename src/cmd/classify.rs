@@ -125,12 +125,8 @@ fn classify(
             .collect();
         let mut logits = Vec::with_capacity(models.len());
         for clf in models {
-            // A chunk of failed inputs alone needs no forward pass.
-            logits.push(if good.is_empty() {
-                Vec::new()
-            } else {
-                clf.logits(&good)?
-            });
+            // In passes of `--batch` (a `.npy` may bring many images in one input).
+            logits.push(clf.logits_in_batches(&good, args.batch as usize)?);
         }
         let mut next = 0;
         for row in &chunk {
@@ -238,7 +234,10 @@ impl Writer {
             Format::Json => {
                 let sep = if self.written == 0 { "[" } else { "," };
                 let text = format!("{sep}{}", serde_json::to_string(&result)?);
-                self.out.write(&text)?;
+                match &self.bar {
+                    Some(bar) => bar.suspend(|| self.out.write(&text))?,
+                    None => self.out.write(&text)?,
+                }
             }
             Format::Csv => {
                 if self.written == 0 {

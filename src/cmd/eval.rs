@@ -72,7 +72,7 @@ struct Summary {
     missing: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     unlisted: Option<usize>,
-    /// The authors' figures, percent, where the registry has them.
+    /// The authors' figures, as fractions like the others, where the registry has them.
     published_top1_error: Option<f64>,
     published_top5_error: Option<f64>,
 }
@@ -80,6 +80,7 @@ struct Summary {
 /// One line of `--predictions`.
 #[derive(Serialize)]
 struct PredictionLine<'a> {
+    model: &'a str,
     path: &'a str,
     target: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,16 +101,27 @@ pub async fn run(args: &EvalArgs) -> Result<()> {
     let backend = args.models.backend()?;
     let opts = args.models.weights_options();
     let mut out = Stdout::new();
+    // One file for every model's lines (each names its model).
+    let mut predictions = match &args.predictions {
+        Some(path) => Some(BufWriter::new(
+            File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
     super::warn_without_jpeg_simd();
     for spec in args.models.specs()? {
         let clf = super::load_model(&spec, &opts, &backend).await?;
         let samples = samples(args, &clf)?;
-        let summary = tokio::task::block_in_place(|| evaluate(args, &clf, samples))?;
+        let summary =
+            tokio::task::block_in_place(|| evaluate(args, &clf, samples, predictions.as_mut()))?;
         if args.json {
             out.line(serde_json::to_string(&summary)?)?;
         } else {
             print_summary(&mut out, &summary)?;
         }
+    }
+    if let Some(mut w) = predictions {
+        w.flush().context("writing --predictions")?;
     }
     out.flush()
 }
@@ -130,18 +142,18 @@ fn samples(args: &EvalArgs, clf: &Classifier) -> Result<Samples> {
     })
 }
 
-/// Runs `clf` over `samples`, counting; writes `--predictions` as it goes.
-fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summary> {
+/// Runs `clf` over `samples`, counting; writes `--predictions` lines to `predictions` as it
+/// goes.
+fn evaluate(
+    args: &EvalArgs,
+    clf: &Classifier,
+    samples: Samples,
+    mut predictions: Option<&mut BufWriter<File>>,
+) -> Result<Summary> {
     let total = samples.entries.len();
     let (missing, unlisted) = (samples.missing, samples.unlisted);
     let targets = samples.targets;
     let batch = args.batch as usize;
-    let mut predictions = match &args.predictions {
-        Some(path) => Some(BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
-        None => None,
-    };
     let progress = progress_bar(total as u64);
     let stream = Stream::start(
         samples.entries,
@@ -155,12 +167,7 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
             .iter()
             .filter_map(|r| r.image.as_deref().ok())
             .collect();
-        // A chunk of failed images alone needs no forward pass.
-        let logits = if good.is_empty() {
-            Vec::new()
-        } else {
-            clf.logits(&good)?
-        };
+        let logits = clf.logits_in_batches(&good, batch)?;
         let mut logits = logits.iter();
         for row in &chunk {
             let target = targets[row.entry];
@@ -171,6 +178,7 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
                     };
                     let rank = tally.add(l, target);
                     PredictionLine {
+                        model: &clf.name,
                         path: &row.name,
                         target,
                         target_label: clf.labels.as_ref().and_then(|ls| ls.get(target)),
@@ -183,6 +191,7 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
                     tally.failed += 1;
                     tracing::warn!(path = %row.name, error = %e, "image skipped");
                     PredictionLine {
+                        model: &clf.name,
                         path: &row.name,
                         target,
                         target_label: None,
@@ -209,9 +218,6 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    if let Some(mut w) = predictions {
-        w.flush().context("writing --predictions")?;
-    }
     let seconds = started.elapsed().as_secs_f64();
     let (top1, top5) = (tally.top1_accuracy(), tally.top5_accuracy());
     Ok(Summary {
@@ -226,8 +232,8 @@ fn evaluate(args: &EvalArgs, clf: &Classifier, samples: Samples) -> Result<Summa
         seconds,
         missing: args.ground_truth.as_ref().map(|_| missing),
         unlisted: args.ground_truth.as_ref().map(|_| unlisted),
-        published_top1_error: clf.published.map(|p| p.top1_error),
-        published_top5_error: clf.published.map(|p| p.top5_error),
+        published_top1_error: clf.published.map(|p| p.top1_error / 100.0),
+        published_top5_error: clf.published.map(|p| p.top5_error / 100.0),
     })
 }
 
@@ -247,7 +253,7 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
 
 fn print_summary(out: &mut Stdout, s: &Summary) -> Result<()> {
     let published = |p: Option<f64>| match p {
-        Some(p) => format!(" (published: {p:.2} %)"),
+        Some(p) => format!(" (published: {:.2} %)", 100.0 * p),
         None => String::new(),
     };
     out.line(format!(

@@ -8,6 +8,9 @@ const KEY = "diracnet-api-key";
 // The last file sent, and whether the server asked for a key for it (sent again once one is
 // typed).
 let last = { file: null, needsKey: false };
+// Which request is the latest: the answer of an earlier one (a file dropped meanwhile) is
+// ignored.
+let latest = 0;
 
 function setStatus(text, error = false) {
   const s = $("status");
@@ -46,6 +49,7 @@ async function loadModels() {
 
 // Raw body with the file's own type: what /classify takes from any HTTP client.
 async function classify(file) {
+  const mine = ++latest;
   last = { file, needsKey: false };
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
@@ -56,7 +60,8 @@ async function classify(file) {
   $("timing").textContent = "";
   setStatus(`Classifying ${file.name}…`);
 
-  const params = new URLSearchParams({ top_k: "5" });
+  // No top_k: the server answers min(5, the model's classes).
+  const params = new URLSearchParams();
   if ($("model").value) params.set("model", $("model").value);
   const type = file.type && file.type.startsWith("image/") ? file.type : "application/octet-stream";
   const headers = { "Content-Type": type };
@@ -69,9 +74,10 @@ async function classify(file) {
     response = await fetch("/classify?" + params, { method: "POST", headers, body: file });
     body = await response.json().catch(() => null);
   } catch (e) {
-    setStatus("The request failed: " + e.message, true);
+    if (mine === latest) setStatus("The request failed: " + e.message, true);
     return;
   }
+  if (mine !== latest) return;
   const total = performance.now() - started;
   if (!response.ok) {
     const why = body && body.error ? body.error : response.statusText;
