@@ -111,6 +111,13 @@ pub struct Row {
     pub image: Result<Vec<f32>, String>,
 }
 
+/// The preprocessed images among `rows` (those that failed left out), for the model.
+pub fn images(rows: &[Row]) -> Vec<&[f32]> {
+    rows.iter()
+        .filter_map(|r| r.image.as_deref().ok())
+        .collect()
+}
+
 /// How [`Stream`] prepares its inputs.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {

@@ -593,37 +593,28 @@ fn classify_takes_float64_inputs_and_uint8_pixel_arrays() {
     let upper = dir.path().join("INPUTS64.NPY");
     std::fs::copy(&f64s, &upper).unwrap();
     assert_eq!(logits(&upper).len(), inputs.shape[0]);
+    // Any other shape is the file's error row.
+    let error_row = |path: &Path| {
+        let out = diracnet(
+            &[
+                "classify",
+                "-m",
+                model,
+                "--format",
+                "jsonl",
+                path.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        fails(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let empty = dir.path().join("empty.npy");
     write_npy(&empty, "<f4", &[0, 3, 224, 224], &[]);
-    let out = diracnet(
-        &[
-            "classify",
-            "-m",
-            model,
-            "--format",
-            "jsonl",
-            empty.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    fails(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("no image (N = 0)"));
-    // Any other shape is the file's error row.
+    assert!(error_row(&empty).contains("no image (N = 0)"));
     let flat = dir.path().join("flat.npy");
     write_npy(&flat, "|u1", &[12], &[0; 12]);
-    let out = diracnet(
-        &[
-            "classify",
-            "-m",
-            model,
-            "--format",
-            "jsonl",
-            flat.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    fails(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("expected RGB pixels [H, W, 3]"));
+    assert!(error_row(&flat).contains("expected RGB pixels [H, W, 3]"));
 }
 
 /// `eval` on an ImageFolder tree and on a flat folder with a ground-truth CSV: the photo filed

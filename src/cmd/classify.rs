@@ -119,10 +119,7 @@ fn classify(
     let (mut images, mut failed) = (0usize, 0usize);
     let started = Instant::now();
     for chunk in stream {
-        let good: Vec<&[f32]> = chunk
-            .iter()
-            .filter_map(|r| r.image.as_deref().ok())
-            .collect();
+        let good = stream::images(&chunk);
         let mut logits = Vec::with_capacity(models.len());
         for clf in models {
             // In passes of `--batch` (a `.npy` may bring many images in one input).

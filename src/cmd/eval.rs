@@ -163,10 +163,7 @@ fn evaluate(
     let mut tally = Tally::default();
     let started = Instant::now();
     for chunk in stream {
-        let good: Vec<&[f32]> = chunk
-            .iter()
-            .filter_map(|r| r.image.as_deref().ok())
-            .collect();
+        let good = stream::images(&chunk);
         let logits = clf.logits_in_batches(&good, batch)?;
         let mut logits = logits.iter();
         for row in &chunk {
