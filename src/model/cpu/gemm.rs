@@ -433,137 +433,41 @@ unsafe fn tile_avx512(t: Tile, k: usize, lda: usize, relu: bool) {
         bias,
         next,
     } = t;
+    // One instantiation per row count, panel count and prefetch: `R` and `P` size the
+    // accumulator array, so they must be constants.
+    macro_rules! call {
+        ($r:literal, $p:literal) => {
+            match next {
+                Some(pf) => {
+                    micro_avx512::<$r, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
+                }
+                None => micro_avx512::<$r, $p, false>(
+                    k,
+                    a,
+                    lda,
+                    b0,
+                    b1,
+                    dst,
+                    ld,
+                    add,
+                    bias,
+                    relu,
+                    [b0, b1],
+                ),
+            }
+        };
+    }
     macro_rules! rows {
         ($p:literal) => {
-            match (rows, next) {
-                (8, None) => micro_avx512::<8, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (8, Some(pf)) => {
-                    micro_avx512::<8, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (7, None) => micro_avx512::<7, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (7, Some(pf)) => {
-                    micro_avx512::<7, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (6, None) => micro_avx512::<6, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (6, Some(pf)) => {
-                    micro_avx512::<6, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (5, None) => micro_avx512::<5, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (5, Some(pf)) => {
-                    micro_avx512::<5, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (4, None) => micro_avx512::<4, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (4, Some(pf)) => {
-                    micro_avx512::<4, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (3, None) => micro_avx512::<3, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (3, Some(pf)) => {
-                    micro_avx512::<3, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (2, None) => micro_avx512::<2, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (2, Some(pf)) => {
-                    micro_avx512::<2, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
-                (_, None) => micro_avx512::<1, $p, false>(
-                    k,
-                    a,
-                    lda,
-                    b0,
-                    b1,
-                    dst,
-                    ld,
-                    add,
-                    bias,
-                    relu,
-                    [b0, b1],
-                ),
-                (_, Some(pf)) => {
-                    micro_avx512::<1, $p, true>(k, a, lda, b0, b1, dst, ld, add, bias, relu, pf)
-                }
+            match rows {
+                8 => call!(8, $p),
+                7 => call!(7, $p),
+                6 => call!(6, $p),
+                5 => call!(5, $p),
+                4 => call!(4, $p),
+                3 => call!(3, $p),
+                2 => call!(2, $p),
+                _ => call!(1, $p),
             }
         };
     }
