@@ -433,18 +433,7 @@ mod tests {
         // NaNs, infinities, subnormals and values that round to infinity; partial stores
         // write only their length.
         let mut special: Vec<f32> = vals[..6].to_vec();
-        special.extend([
-            1.0 + 1.0 / 256.0,
-            f32::from_bits(0x3f81_8000),
-            f32::NAN,
-            -f32::NAN,
-            f32::INFINITY,
-            f32::MAX,
-            -0.0,
-            1e-40,
-            f32::from_bits(0x7f80_0001),
-            -3.0e38,
-        ]);
+        special.extend(super::super::bf16::HARD_CASES);
         let v = V16::load(proof, &special);
         for len in [16, 9, 8, 1] {
             let mut got = [7u16; 17];
