@@ -66,9 +66,9 @@ pub struct ModelStats {
     pub compute_infer: Duration64,
     /// Milliseconds since the epoch of the last successful inference request (0: none).
     pub last_inference_ms: u64,
-    /// Images run through the model.
+    /// Images run through the model (`diracnet_images_classified_total`).
     pub inference_count: u64,
-    /// Forward passes.
+    /// Forward passes (`diracnet_batch_size`'s count).
     pub execution_count: u64,
     /// Forward passes and their time, by batch size.
     pub batches: BTreeMap<usize, Duration64>,
@@ -218,13 +218,21 @@ impl Metrics {
         }
     }
 
-    /// The statistics of `model` so far.
+    /// The statistics of `model` so far (a served model: the name makes its series).
     pub fn model_stats(&self, model: &str) -> ModelStats {
-        self.stats
+        let mut s = self
+            .stats
             .lock()
             .ok()
             .and_then(|s| s.get(model).cloned())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // Counted once, by the Prometheus series.
+        s.inference_count = self.images.with_label_values(&[model]).get();
+        s.execution_count = self
+            .batch_size
+            .with_label_values(&[model])
+            .get_sample_count();
+        s
     }
 
     /// Counts a finished HTTP request.
@@ -324,8 +332,6 @@ impl BatchObserver for ModelObserver {
         }
         if let Ok(mut stats) = m.stats.lock() {
             let s = stats.entry(self.model.clone()).or_default();
-            s.inference_count += size as u64;
-            s.execution_count += 1;
             s.batches.entry(size).or_default().add(inference);
         }
     }
