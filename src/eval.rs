@@ -68,10 +68,7 @@ pub enum EvalError {
 /// The class index `name` stands for: a WordNet id of `labels` (`n01440764`), or a class index
 /// below `classes` (`0`, `17`).
 pub fn class_of(name: &str, labels: Option<&Labels>, classes: usize) -> Result<usize, String> {
-    if let Some(i) = labels
-        .and_then(Labels::ids)
-        .and_then(|ids| ids.iter().position(|id| id == name))
-    {
+    if let Some(i) = labels.and_then(|l| l.index_of_id(name)) {
         return Ok(i);
     }
     match name.parse::<usize>() {

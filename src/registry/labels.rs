@@ -1,5 +1,7 @@
 //! Class names: the label lists embedded from `models/`, and which one a model gets.
 
+use std::collections::HashMap;
+
 use super::{embedded_file, Source};
 
 /// The label list of models that name none (not from the registry): ILSVRC2012's 1000 classes.
@@ -11,6 +13,8 @@ pub struct Labels {
     names: Vec<String>,
     /// `n01440764`-style ids, one per class, when every line of the list starts with one.
     ids: Option<Vec<String>>,
+    /// Each id's class index (an id given twice keeps its first).
+    index: HashMap<String, usize>,
 }
 
 /// A label list that cannot be used.
@@ -45,6 +49,7 @@ impl Labels {
         Self::embedded(IMAGENET).unwrap_or_else(|| Self {
             names: Vec::new(),
             ids: None,
+            index: HashMap::new(),
         })
     }
 
@@ -75,6 +80,7 @@ impl Labels {
             return Ok(Self {
                 names: lines.iter().map(|(_, l)| l.to_string()).collect(),
                 ids: None,
+                index: HashMap::new(),
             });
         }
         let (mut names, mut ids) = (Vec::new(), Vec::new());
@@ -86,9 +92,14 @@ impl Labels {
             ids.push(id);
             names.push(name);
         }
+        let mut index = HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            index.entry(id.clone()).or_insert(i);
+        }
         Ok(Self {
             names,
             ids: Some(ids),
+            index,
         })
     }
 
@@ -126,6 +137,11 @@ impl Labels {
     /// The WordNet ids, one per class, when the list gives them.
     pub fn ids(&self) -> Option<&[String]> {
         self.ids.as_deref()
+    }
+
+    /// The class whose WordNet id is `id`.
+    pub fn index_of_id(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
     }
 }
 
