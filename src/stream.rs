@@ -68,9 +68,10 @@ pub fn walk(paths: &[PathBuf]) -> Vec<Entry> {
 }
 
 fn walk_dir(dir: &Path, out: &mut Vec<Entry>) {
+    // The type as listed (no further `stat`, and a link is a link, not what it points to).
     let listed = fs::read_dir(dir).and_then(|entries| {
         entries
-            .map(|e| e.map(|e| e.path()))
+            .map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?))))
             .collect::<Result<Vec<_>, _>>()
     });
     let mut children = match listed {
@@ -83,14 +84,11 @@ fn walk_dir(dir: &Path, out: &mut Vec<Entry>) {
             return;
         }
     };
-    children.sort();
-    for child in children {
-        let Ok(link) = fs::symlink_metadata(&child) else {
-            continue;
-        };
-        if link.is_dir() {
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (child, kind) in children {
+        if kind.is_dir() {
             walk_dir(&child, out);
-        } else if is_image_file(&child) && child.is_file() {
+        } else if is_image_file(&child) && (kind.is_file() || child.is_file()) {
             out.push(Entry {
                 path: child,
                 problem: None,
