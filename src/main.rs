@@ -29,8 +29,8 @@ struct Cli {
     #[arg(long, global = true, env = "DIRACNET_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
 
-    /// Best CPU kernel set to use: `auto` (the best this CPU runs) or a cap, to compare kernel
-    /// sets on one CPU (never more than the CPU has).
+    /// Best CPU kernel set to use: `auto` (the best this CPU runs, AMX included) or a cap, to
+    /// compare kernel sets on one CPU (never more than the CPU has; every cap leaves AMX out).
     #[arg(long, global = true, env = "DIRACNET_CPU_ISA", value_enum, default_value_t = CpuIsa::Auto)]
     cpu_isa: CpuIsa,
 

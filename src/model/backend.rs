@@ -184,11 +184,11 @@ impl Backend {
     }
 
     /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`, or
-    /// `avx512_bf16` for `--dtype bf16`); `None` when the fast path is not in use (candle's
+    /// `avx512_bf16` or `amx_bf16` for `--dtype bf16`); `None` when the fast path is not in use (candle's
     /// convolutions, or a GPU).
     pub fn isa(&self) -> Option<&'static str> {
         match (self.conv.is_fast(), self.dtype) {
-            (true, DType::BF16) => Some("avx512_bf16"),
+            (true, DType::BF16) => Some(cpu::bf16::Kernel::detect().name()),
             (true, _) => Some(cpu::isa().name()),
             (false, _) => None,
         }
@@ -238,7 +238,9 @@ mod tests {
             Ok(b) => {
                 assert!(cpu::bf16::avx512_bf16());
                 assert_eq!((b.conv(), b.dtype()), (ConvImpl::Fast, DType::BF16));
-                assert_eq!(b.isa(), Some("avx512_bf16"));
+                let kernel = cpu::bf16::Kernel::detect();
+                assert!(kernel >= cpu::bf16::Kernel::Avx512);
+                assert_eq!(b.isa(), Some(kernel.name()));
                 let algo = cpu::Algo {
                     pick: cpu::Pick::BySize { side: 7 },
                     bf16: true,

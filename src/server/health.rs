@@ -80,7 +80,7 @@ pub struct ModelInfo {
     /// Convolution implementation, e.g. `fast (winograd f4x4, avx2+fma)` or `candle`.
     pub conv_impl: String,
     /// CPU kernel set of the fast path: `avx512`, `avx2+fma` or `portable` (f32), or
-    /// `avx512_bf16` (`--dtype bf16`); null without the fast path.
+    /// `avx512_bf16` or `amx_bf16` (`--dtype bf16`); null without the fast path.
     pub isa: Option<&'static str>,
     /// Compute dtype: `f32`, `f16` or `bf16`.
     pub dtype: String,

@@ -13,7 +13,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::bf16::{self, PackedBf16};
+use super::bf16::{self, Kernel, PackedBf16};
 use super::gemm::{self, Epilogue, Isa, PackedB, NR};
 use super::{input_nhwc, isa, padded_bias, supported, with_scratch, Plan, Shared};
 
@@ -211,8 +211,8 @@ pub struct DirectConvBf16 {
     /// `(ky, kx, c_in) × c_out`, in bf16 pairs.
     weights: PackedBf16,
     bias: Vec<f32>,
-    /// The AVX512-BF16 kernel (else the portable one).
-    avx512: bool,
+    /// The product's kernel.
+    kernel: Kernel,
 }
 
 impl DirectConvBf16 {
@@ -230,13 +230,13 @@ impl DirectConvBf16 {
             c_out,
             weights,
             bias: padded_bias(bias),
-            avx512: bf16::avx512_bf16(),
+            kernel: Kernel::detect(),
         }
     }
 
     /// Uses the portable kernel even where AVX512-BF16 runs (for tests).
     pub fn portable(mut self) -> Self {
-        self.avx512 = false;
+        self.kernel = Kernel::Portable;
         self
     }
 
@@ -291,7 +291,7 @@ impl CustomOp1 for DirectConvBf16 {
                 im2col(&x16, [h, w, self.c_in], r0, lda, 0, a);
                 with_scratch(rn * panels.len() * NR, |prod| {
                     bf16::gemm_bf16(
-                        self.avx512,
+                        self.kernel,
                         rn,
                         a,
                         lda,

@@ -130,6 +130,11 @@ impl Isa {
         LIMIT.set(to).is_ok() && Self::detect() <= to
     }
 
+    /// True when `--cpu-isa` capped the kernel sets (which also leaves AMX out).
+    pub fn capped() -> bool {
+        LIMIT.get().is_some()
+    }
+
     /// True when this CPU has what these kernels need.
     pub fn runs_here(self) -> bool {
         match self {

@@ -25,6 +25,7 @@
 //! goes next to its portable twin, behind an [`Isa`] check, with a test that compares the two on
 //! ragged shapes.
 
+mod amx;
 pub mod bf16;
 mod direct;
 pub mod gemm;
@@ -35,7 +36,7 @@ use std::{cell::RefCell, ops::Range};
 use candle_core::{backend::BackendStorage, bail, CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use bf16::PackedBf16;
+use bf16::{Kernel, PackedBf16};
 pub use direct::{DirectConv, DirectConvBf16};
 pub use gemm::Isa;
 use gemm::{Epilogue, PackedB, NR};
@@ -570,8 +571,8 @@ enum Points {
     /// f32 products ([`gemm::gemm`]).
     F32(Vec<PackedB>),
     /// Transformed inputs and weights rounded to bf16, products summed in f32
-    /// ([`bf16::gemm_bf16`]); `avx512` picks the AVX512-BF16 kernel.
-    Bf16 { u: Vec<PackedBf16>, avx512: bool },
+    /// ([`bf16::gemm_bf16`]) on `kernel`.
+    Bf16 { u: Vec<PackedBf16>, kernel: Kernel },
 }
 
 /// One work item's channel mixes: its transformed input (`v`, one plane per point) and the
@@ -584,7 +585,7 @@ enum Mix<'a> {
     Bf16 {
         v: &'a mut [u16],
         u: &'a [PackedBf16],
-        avx512: bool,
+        kernel: Kernel,
     },
 }
 
@@ -644,7 +645,7 @@ impl WinogradConv {
         Self {
             u: Points::Bf16 {
                 u,
-                avx512: bf16::avx512_bf16(),
+                kernel: Kernel::detect(),
             },
             ..self
         }
@@ -654,8 +655,8 @@ impl WinogradConv {
     /// the portable product unless `isa` is AVX-512.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         self.isa = supported(isa);
-        if let Points::Bf16 { avx512, .. } = &mut self.u {
-            *avx512 &= self.isa == Isa::Avx512;
+        if let (Points::Bf16 { kernel, .. }, false) = (&mut self.u, self.isa == Isa::Avx512) {
+            *kernel = Kernel::Portable;
         }
         self
     }
@@ -927,14 +928,14 @@ impl WinogradConv {
                 Points::F32(u) => Mix::F32 { v, u },
                 // In bf16 the transformed input takes half the floats: the same memory as
                 // `u16`s, plane `p` at `2 · p · vs`.
-                Points::Bf16 { u, avx512 } => Mix::Bf16 {
+                Points::Bf16 { u, kernel } => Mix::Bf16 {
                     // SAFETY: `u16` has no stricter alignment than `f32`, any bits are valid
                     // for both, and the `u16` view replaces the `f32` one (moved in).
                     v: unsafe {
                         std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u16>(), 2 * v.len())
                     },
                     u,
-                    avx512: *avx512,
+                    kernel: *kernel,
                 },
             };
             // 1. Input transform: V[p][tile][channel].
@@ -1002,8 +1003,8 @@ impl WinogradConv {
                         usize::MAX,
                         Epilogue::NONE,
                     ),
-                    Mix::Bf16 { v, u, avx512 } => bf16::gemm_bf16(
-                        *avx512,
+                    Mix::Bf16 { v, u, kernel } => bf16::gemm_bf16(
+                        *kernel,
                         tn,
                         &v[2 * p * vs..][..tn * cp],
                         cp,

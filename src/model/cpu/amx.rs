@@ -1,0 +1,356 @@
+//! The bf16 product on AMX tiles (Intel's Advanced Matrix Extensions, Sapphire Rapids and later
+//! Xeons), for `--dtype bf16`.
+//!
+//! AMX adds eight tile registers of up to 16 rows × 64 bytes and `tdpbf16ps`, which multiplies
+//! a 16 × 32 bf16 tile `A` by a 32 × 16 bf16 tile `B` into a 16 × 16 f32 tile: 16 384 FLOP in
+//! one instruction, about 16× what AVX-512 does in f32. `B` is read as 16 rows of 16 (k, k+1)
+//! pairs: the layout [`PackedBf16`] already packs its panels in for AVX512-BF16, so one panel of
+//! [`NR`] columns over 32 reduction steps is exactly one `B` tile (64-byte rows).
+//!
+//! Every tile here is 16 × 64 bytes (one configuration, loaded once per thread):
+//!
+//! ```text
+//!            B: tmm6 (panel j)   tmm7 (panel j + 1)
+//!  A: tmm4 (rows r0)   tmm0            tmm1
+//!     tmm5 (rows r1)   tmm2            tmm3        C += A · B, 32 bf16 deep per step
+//! ```
+//!
+//! Edges without partial tiles: a last block of fewer than 32 rows moves its tiles' first row
+//! back so that they end at the last row (rows already written are computed again and not
+//! stored); a lone last panel multiplies by itself twice; the reduction's last partial step
+//! reads `A` from a zero-padded copy, and `B` from the zero rows [`PackedBf16`] pads every
+//! panel with. Products of fewer than 16 rows are left to the AVX512-BF16 kernel.
+//!
+//! The instructions are written with `asm!` (Rust's AMX intrinsics are unstable). The driver is
+//! generic over [`Tiles`], so the tests run it on a software model of the tile instructions on
+//! every CPU — the blocking, the edges and the packing — and on the instructions themselves
+//! where the CPU has AMX.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use super::bf16::PackedBf16;
+use super::gemm::NR;
+
+/// Rows of a tile.
+pub(super) const ROWS: usize = 16;
+/// bf16 values in a tile row (64 bytes): the reduction depth of one step.
+pub(super) const DEPTH: usize = 32;
+
+/// The tile instructions the product is made of, as the driver calls them: on the CPU
+/// ([`Hardware`]) or in software (the tests' model). The tiles of the module comment.
+pub(super) trait Tiles {
+    /// Zeroes the four accumulators (`tmm0..=tmm3`).
+    ///
+    /// # Safety
+    /// The tiles are configured on this thread.
+    unsafe fn zero(&mut self);
+
+    /// One step 32 deep: loads `A` tiles from `a[0]` and `a[1]` (16 rows, `lda` bytes apart)
+    /// and `B` tiles from `b[0]` and `b[1]` (16 rows, 64 bytes apart), and adds the four
+    /// products to the accumulators.
+    ///
+    /// # Safety
+    /// The tiles are configured; each pointer addresses 16 readable rows of 64 bytes.
+    unsafe fn step(&mut self, a: [*const u8; 2], lda: usize, b: [*const u8; 2]);
+
+    /// Stores the accumulators as a 32 × 32 f32 block: tile (i, j) at
+    /// `out + i·16·ldo + j·64` bytes, rows `ldo` bytes apart.
+    ///
+    /// # Safety
+    /// The tiles are configured; `out` addresses 32 writable rows of 128 bytes, `ldo` apart.
+    unsafe fn store(&mut self, out: *mut u8, ldo: usize);
+}
+
+/// True when the AMX kernel can run: the CPU has AMX-TILE and AMX-BF16, the OS saves the tile
+/// state, and Linux granted this process the tile data (asked for here, once: without it the
+/// first tile instruction raises SIGILL).
+pub fn available() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    let (max_leaf, leaf7) = (__cpuid_count(0, 0).eax, __cpuid_count(7, 0));
+    let amx_bf16 = leaf7.edx >> 22 & 1 == 1;
+    let amx_tile = leaf7.edx >> 24 & 1 == 1;
+    if max_leaf < 7 || !amx_bf16 || !amx_tile || !std::arch::is_x86_feature_detected!("xsave") {
+        return false;
+    }
+    // The OS must have enabled the tile state in XCR0: bit 17 (the configuration) and bit 18
+    // (the data).
+    // SAFETY: XGETBV runs where XSAVE is enabled (checked above).
+    let xcr0 = unsafe { std::arch::x86_64::_xgetbv(0) };
+    if xcr0 >> 17 & 0b11 != 0b11 {
+        return false;
+    }
+    // Linux (5.16 and later) hands out the tile data per process on request.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this request only changes the process's permitted xstate.
+    let granted = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    } == 0;
+    if !granted {
+        tracing::warn!(
+            "the CPU has AMX but Linux refused this process the tile state (a kernel before \
+             5.16?); bf16 runs on AVX512-BF16"
+        );
+    }
+    granted
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The tiles on the CPU. Made only where [`available`] is true.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Hardware(());
+
+#[cfg(target_arch = "x86_64")]
+impl Hardware {
+    /// Configures this thread's tiles, once per thread (the configuration stays loaded: nothing
+    /// else in the process uses the tiles, and the kernel saves them across switches).
+    ///
+    /// # Safety
+    /// [`available`] returned true.
+    pub(super) unsafe fn here() -> Self {
+        /// Palette 1, every tile 16 rows × 64 bytes: byte 0 the palette, bytes 16..32 each
+        /// tile's bytes per row (u16, little-endian), bytes 48..56 each tile's rows.
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+        const CONFIG: Config = {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            let mut t = 0;
+            while t < 8 {
+                c[16 + 2 * t] = (DEPTH * 2) as u8;
+                c[48 + t] = ROWS as u8;
+                t += 1;
+            }
+            Config(c)
+        };
+        thread_local! {
+            static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        CONFIGURED.with(|done| {
+            if !done.get() {
+                // SAFETY: AMX runs here and the process holds the tile state (the caller's
+                // contract); the descriptor is 64 aligned, readable bytes.
+                unsafe {
+                    std::arch::asm!(
+                        "ldtilecfg [{0}]",
+                        in(reg) CONFIG.0.as_ptr(),
+                        options(nostack, readonly, preserves_flags)
+                    )
+                };
+                done.set(true);
+            }
+        });
+        Self(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for Hardware {
+    unsafe fn zero(&mut self) {
+        // SAFETY: configured tiles (the caller's contract); no memory is touched.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            )
+        }
+    }
+
+    unsafe fn step(&mut self, a: [*const u8; 2], lda: usize, b: [*const u8; 2]) {
+        // SAFETY: configured tiles; each load reads 16 rows of 64 bytes the caller vouched for.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {lda}*1]",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a[0],
+                a1 = in(reg) a[1],
+                lda = in(reg) lda,
+                b0 = in(reg) b[0],
+                b1 = in(reg) b[1],
+                ldb = in(reg) NR * 4,
+                options(nostack, readonly, preserves_flags)
+            )
+        }
+    }
+
+    unsafe fn store(&mut self, out: *mut u8, ldo: usize) {
+        // SAFETY: configured tiles; the four stores write the 32 × 128-byte block the caller
+        // vouched for.
+        unsafe {
+            std::arch::asm!(
+                "tilestored [{o00} + {ldo}*1], tmm0",
+                "tilestored [{o01} + {ldo}*1], tmm1",
+                "tilestored [{o10} + {ldo}*1], tmm2",
+                "tilestored [{o11} + {ldo}*1], tmm3",
+                o00 = in(reg) out,
+                o01 = in(reg) out.add(NR * 4),
+                o10 = in(reg) out.add(ROWS * ldo),
+                o11 = in(reg) out.add(ROWS * ldo + NR * 4),
+                ldo = in(reg) ldo,
+                options(nostack, preserves_flags)
+            )
+        }
+    }
+}
+
+/// `Σ_p A[i, p] · B[p, col]` in f32 over rows `0..m` (at least [`ROWS`]) and the panels
+/// `panels` of `b`, handed over as `finish(j, rows, block)` for each block of up to 32 rows ×
+/// panels `j` and `j + 1`: `block` holds row `rows.start + r` at `block[r * 32..][..32]`, its
+/// first 16 values panel `j`'s columns, the next 16 panel `j + 1`'s (when `j + 1` is in
+/// `panels`; else nothing to read).
+///
+/// `a` holds row `i` at `a[i * lda..][..k2]` (`k2`: `b`'s rows rounded up to even).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn product(
+    tiles: &mut impl Tiles,
+    m: usize,
+    a: &[u16],
+    lda: usize,
+    b: &PackedBf16,
+    panels: std::ops::Range<usize>,
+    mut finish: impl FnMut(usize, std::ops::Range<usize>, &[f32]),
+) {
+    let k2 = b.k().div_ceil(2) * 2;
+    assert!(m >= ROWS, "amx::product: fewer rows than a tile");
+    assert!(
+        lda >= k2 && a.len() >= (m - 1) * lda + k2,
+        "amx::product: A too short"
+    );
+    assert!(panels.end <= b.panels(), "amx::product: panel out of range");
+    let steps = k2 / DEPTH;
+    let tail = k2 % DEPTH;
+    // The last partial step's A rows, zero-padded to 32 values; B's panels are padded with
+    // zero rows to whole steps.
+    let mut a_tail = [[0u16; DEPTH]; 2 * ROWS];
+    let mut block = [0f32; 2 * ROWS * 2 * NR];
+    let mut j = panels.start;
+    while j < panels.end {
+        let pair = [b.panel(j), b.panel((j + 1).min(panels.end - 1))];
+        let mut i = 0;
+        while i < m {
+            // The two row tiles' first rows, moved back to end at the last row.
+            let r = [i.min(m - ROWS), (i + ROWS).min(m - ROWS)];
+            // SAFETY: (every tile call) a `Tiles` is configured by its maker; each A tile reads
+            // rows r..r + 16 ≤ m of the step's 32 values inside `k2` (asserted above), each B
+            // tile 16 rows of its panel, which holds whole steps; `block` is 32 rows of 128
+            // bytes.
+            unsafe {
+                tiles.zero();
+                for s in 0..steps {
+                    let at = |t: usize| a[r[t] * lda + s * DEPTH..].as_ptr().cast::<u8>();
+                    tiles.step(
+                        [at(0), at(1)],
+                        lda * 2,
+                        [
+                            pair[0][s * ROWS * NR..].as_ptr().cast(),
+                            pair[1][s * ROWS * NR..].as_ptr().cast(),
+                        ],
+                    );
+                }
+                if tail > 0 {
+                    for (row, dst) in a_tail.iter_mut().enumerate() {
+                        let src = r[row / ROWS] + row % ROWS;
+                        dst[..tail].copy_from_slice(&a[src * lda + steps * DEPTH..][..tail]);
+                    }
+                    tiles.step(
+                        [a_tail.as_ptr().cast(), a_tail[ROWS..].as_ptr().cast::<u8>()],
+                        DEPTH * 2,
+                        [
+                            pair[0][steps * ROWS * NR..].as_ptr().cast(),
+                            pair[1][steps * ROWS * NR..].as_ptr().cast(),
+                        ],
+                    );
+                }
+                tiles.store(block.as_mut_ptr().cast(), 2 * NR * 4);
+            }
+            // Rows i.. of the block: those of the first tile from i, then the second's beyond.
+            let end = (i + 2 * ROWS).min(m);
+            let mut rows = [[0f32; 2 * NR]; 2 * ROWS];
+            for g in i..end {
+                let local = if g < r[0] + ROWS {
+                    g - r[0]
+                } else {
+                    ROWS + g - r[1]
+                };
+                rows[g - i].copy_from_slice(&block[local * 2 * NR..][..2 * NR]);
+            }
+            finish(j, i..end, rows.as_flattened());
+            i = end;
+        }
+        j += 2;
+    }
+}
+
+/// The four tile instructions in software, as the ISA reference describes them (each pair's
+/// even product then its odd one added to the f32 sum), over the same memory: the twin the
+/// tests run [`product`] on, on every CPU.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Model {
+    c: [[[f32; NR]; ROWS]; 4],
+}
+
+#[cfg(test)]
+impl Tiles for Model {
+    unsafe fn zero(&mut self) {
+        self.c = Default::default();
+    }
+
+    unsafe fn step(&mut self, a: [*const u8; 2], lda: usize, b: [*const u8; 2]) {
+        use super::bf16::from_bf16;
+        let load = |p: *const u8, stride: usize| -> [[u16; DEPTH]; ROWS] {
+            // SAFETY: the caller vouches for 16 rows of 64 bytes at each pointer.
+            std::array::from_fn(|row| unsafe {
+                p.add(row * stride).cast::<[u16; DEPTH]>().read_unaligned()
+            })
+        };
+        let (a, b) = (
+            [load(a[0], lda), load(a[1], lda)],
+            [load(b[0], NR * 4), load(b[1], NR * 4)],
+        );
+        for (t, c) in self.c.iter_mut().enumerate() {
+            let (a, b) = (&a[t / 2], &b[t % 2]);
+            for (row, c) in c.iter_mut().enumerate() {
+                for (col, c) in c.iter_mut().enumerate() {
+                    for k in 0..DEPTH / 2 {
+                        *c += from_bf16(a[row][2 * k]) * from_bf16(b[k][2 * col]);
+                        *c += from_bf16(a[row][2 * k + 1]) * from_bf16(b[k][2 * col + 1]);
+                    }
+                }
+            }
+        }
+    }
+
+    unsafe fn store(&mut self, out: *mut u8, ldo: usize) {
+        for (t, c) in self.c.iter().enumerate() {
+            for (row, values) in c.iter().enumerate() {
+                let at = (t / 2 * ROWS + row) * ldo + t % 2 * NR * 4;
+                // SAFETY: inside the 32 × 128-byte block the caller vouches for.
+                unsafe { out.add(at).cast::<[f32; NR]>().write_unaligned(*values) };
+            }
+        }
+    }
+}
