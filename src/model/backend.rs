@@ -204,7 +204,9 @@ impl Backend {
         } else {
             ""
         };
+        let amx = bf16 && cpu::bf16::Kernel::detect() == cpu::bf16::Kernel::Amx;
         match self.conv {
+            ConvImpl::Fast if amx => format!("fast (direct only, {products}{isa})"),
             // The f32 direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
             ConvImpl::Fast if bf16 || cpu::isa() == cpu::Isa::Avx512 => {
                 format!("fast (winograd f4x4 + direct, {products}{isa})")

@@ -15,11 +15,16 @@
 //!     tmm5 (rows r1)   tmm2            tmm3        C += A · B, 32 bf16 deep per step
 //! ```
 //!
+//! [`product`] runs the blocks; where each step's `A` tiles come from is its caller's: rows of
+//! a matrix ([`gemm`], for Winograd's channel mixes and the im2col conv), or, for the direct
+//! conv, pixels of the zero-bordered input map itself (`DirectConvBf16::forward_tiles`, which
+//! copies no receptive fields).
+//!
 //! Edges without partial tiles: a last block of fewer than 32 rows moves its tiles' first row
 //! back so that they end at the last row (rows already written are computed again and not
-//! stored); a lone last panel multiplies by itself twice; the reduction's last partial step
-//! reads `A` from a zero-padded copy, and `B` from the zero rows [`PackedBf16`] pads every
-//! panel with. Products of fewer than 16 rows are left to the AVX512-BF16 kernel.
+//! stored); a lone last panel multiplies by itself twice; [`gemm`]'s last partial step reads
+//! `A` from a zero-padded copy, and `B` from the zero rows [`PackedBf16`] pads every panel
+//! with. Products of fewer than 16 rows are left to the AVX512-BF16 kernel.
 //!
 //! The instructions are written with `asm!` (Rust's AMX intrinsics are unstable). The driver is
 //! generic over [`Tiles`], so the tests run it on a software model of the tile instructions on
@@ -27,6 +32,8 @@
 //! where the CPU has AMX.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::ops::Range;
 
 use super::bf16::PackedBf16;
 use super::gemm::NR;
@@ -216,91 +223,126 @@ impl Tiles for Hardware {
     }
 }
 
-/// `Σ_p A[i, p] · B[p, col]` in f32 over rows `0..m` (at least [`ROWS`]) and the panels
-/// `panels` of `b`, handed over as `finish(j, rows, block)` for each block of up to 32 rows ×
-/// panels `j` and `j + 1`: `block` holds row `rows.start + r` at `block[r * 32..][..32]`, its
-/// first 16 values panel `j`'s columns, the next 16 panel `j + 1`'s (when `j + 1` is in
-/// `panels`; else nothing to read).
+/// `Σ_p A[i, p] · B[p, col]` in f32 for the rows `rows` and the panels `panels` of `b`, over
+/// `steps` steps of 32 (`b` is read as rows of pairs `16·s..16·s + 16` at step `s`), handed
+/// over as `finish(j, rows, block)` for each block of up to 32 rows × panels `j` and `j + 1`:
+/// `block` holds row `rows.start + r` at `block[r * 32..][..32]`, its first 16 values panel
+/// `j`'s columns, the next 16 panel `j + 1`'s (when `j + 1` is in `panels`; else nothing to
+/// read).
 ///
-/// `a` holds row `i` at `a[i * lda..][..k2]` (`k2`: `b`'s rows rounded up to even).
+/// `a(r, s)` gives the `A` tiles of step `s` for the 16 rows from `r[0]` and from `r[1]`: their
+/// first bytes, and the bytes from one row to the next. The tiles of a last block of fewer than
+/// 32 rows start earlier, so as to end at row `valid` at most (those rows are computed again and
+/// not handed over).
+///
+/// # Safety
+/// `rows.end ≤ valid`, `valid ≥ 16`; for every `r` with `r[t] + 16 ≤ valid` and `s < steps`,
+/// `a(r, s)` returns addresses of 16 readable rows of 64 bytes each, readable until its next
+/// call.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn product(
+pub(super) unsafe fn product(
     tiles: &mut impl Tiles,
-    m: usize,
-    a: &[u16],
-    lda: usize,
+    rows: Range<usize>,
+    valid: usize,
+    steps: usize,
+    mut a: impl FnMut([usize; 2], usize) -> ([*const u8; 2], usize),
     b: &PackedBf16,
-    panels: std::ops::Range<usize>,
-    mut finish: impl FnMut(usize, std::ops::Range<usize>, &[f32]),
+    panels: Range<usize>,
+    mut finish: impl FnMut(usize, Range<usize>, &[f32]),
 ) {
-    let k2 = b.k().div_ceil(2) * 2;
-    assert!(m >= ROWS, "amx::product: fewer rows than a tile");
-    assert!(
-        lda >= k2 && a.len() >= (m - 1) * lda + k2,
-        "amx::product: A too short"
-    );
+    assert!(valid >= ROWS && rows.end <= valid, "amx::product: rows");
     assert!(panels.end <= b.panels(), "amx::product: panel out of range");
-    let steps = k2 / DEPTH;
-    let tail = k2 % DEPTH;
-    // The last partial step's A rows, zero-padded to 32 values; B's panels are padded with
-    // zero rows to whole steps.
-    let mut a_tail = [[0u16; DEPTH]; 2 * ROWS];
+    assert!(
+        b.panel(0).len() >= steps * ROWS * NR,
+        "amx::product: B shorter than the steps"
+    );
     let mut block = [0f32; 2 * ROWS * 2 * NR];
     let mut j = panels.start;
     while j < panels.end {
         let pair = [b.panel(j), b.panel((j + 1).min(panels.end - 1))];
-        let mut i = 0;
-        while i < m {
-            // The two row tiles' first rows, moved back to end at the last row.
-            let r = [i.min(m - ROWS), (i + ROWS).min(m - ROWS)];
-            // SAFETY: (every tile call) a `Tiles` is configured by its maker; each A tile reads
-            // rows r..r + 16 ≤ m of the step's 32 values inside `k2` (asserted above), each B
-            // tile 16 rows of its panel, which holds whole steps; `block` is 32 rows of 128
+        let mut i = rows.start;
+        while i < rows.end {
+            // The two row tiles' first rows, moved back to end at `valid` at most.
+            let r = [i.min(valid - ROWS), (i + ROWS).min(valid - ROWS)];
+            // SAFETY: a `Tiles` is configured by its maker; `a` vouches for its A tiles (the
+            // caller's contract: both end at `valid` at most); each B tile is 16 rows of its
+            // panel, which holds at least `steps` steps (asserted); `block` is 32 rows of 128
             // bytes.
             unsafe {
                 tiles.zero();
                 for s in 0..steps {
-                    let at = |t: usize| a[r[t] * lda + s * DEPTH..].as_ptr().cast::<u8>();
-                    tiles.step(
-                        [at(0), at(1)],
-                        lda * 2,
-                        [
-                            pair[0][s * ROWS * NR..].as_ptr().cast(),
-                            pair[1][s * ROWS * NR..].as_ptr().cast(),
-                        ],
-                    );
-                }
-                if tail > 0 {
-                    for (row, dst) in a_tail.iter_mut().enumerate() {
-                        let src = r[row / ROWS] + row % ROWS;
-                        dst[..tail].copy_from_slice(&a[src * lda + steps * DEPTH..][..tail]);
-                    }
-                    tiles.step(
-                        [a_tail.as_ptr().cast(), a_tail[ROWS..].as_ptr().cast::<u8>()],
-                        DEPTH * 2,
-                        [
-                            pair[0][steps * ROWS * NR..].as_ptr().cast(),
-                            pair[1][steps * ROWS * NR..].as_ptr().cast(),
-                        ],
-                    );
+                    let (at, stride) = a(r, s);
+                    let b_at = s * ROWS * NR;
+                    let b = [pair[0][b_at..].as_ptr(), pair[1][b_at..].as_ptr()];
+                    tiles.step(at, stride, b.map(|p| p.cast()));
                 }
                 tiles.store(block.as_mut_ptr().cast(), 2 * NR * 4);
             }
             // Rows i.. of the block: those of the first tile from i, then the second's beyond.
-            let end = (i + 2 * ROWS).min(m);
-            let mut rows = [[0f32; 2 * NR]; 2 * ROWS];
+            let end = (i + 2 * ROWS).min(rows.end);
+            let mut out = [[0f32; 2 * NR]; 2 * ROWS];
             for g in i..end {
                 let local = if g < r[0] + ROWS {
                     g - r[0]
                 } else {
                     ROWS + g - r[1]
                 };
-                rows[g - i].copy_from_slice(&block[local * 2 * NR..][..2 * NR]);
+                out[g - i].copy_from_slice(&block[local * 2 * NR..][..2 * NR]);
             }
-            finish(j, i..end, rows.as_flattened());
+            finish(j, i..end, out.as_flattened());
             i = end;
         }
         j += 2;
+    }
+}
+
+/// [`product`] of the `m × k` bf16 matrix `a` (row `i` at `a[i * lda..][..k2]`, `k2`: `b`'s
+/// rows rounded up to even; `m` at least 16) and `b`, as there. The last, partial step reads
+/// `A` from a zero-padded copy.
+pub(super) fn gemm(
+    tiles: &mut impl Tiles,
+    m: usize,
+    a: &[u16],
+    lda: usize,
+    b: &PackedBf16,
+    panels: Range<usize>,
+    finish: impl FnMut(usize, Range<usize>, &[f32]),
+) {
+    let k2 = b.k().div_ceil(2) * 2;
+    assert!(m >= ROWS, "amx::gemm: fewer rows than a tile");
+    assert!(
+        lda >= k2 && a.len() >= (m - 1) * lda + k2,
+        "amx::gemm: A too short"
+    );
+    let (whole, tail) = (k2 / DEPTH, k2 % DEPTH);
+    let mut a_tail = [[0u16; DEPTH]; 2 * ROWS];
+    let tiles_of = |r: [usize; 2], s: usize| -> ([*const u8; 2], usize) {
+        if s < whole {
+            let at = |t: usize| a[r[t] * lda + s * DEPTH..].as_ptr().cast::<u8>();
+            ([at(0), at(1)], lda * 2)
+        } else {
+            for (row, dst) in a_tail.iter_mut().enumerate() {
+                let src = r[row / ROWS] + row % ROWS;
+                dst[..tail].copy_from_slice(&a[src * lda + whole * DEPTH..][..tail]);
+            }
+            let at = |t: usize| a_tail[t * ROWS..].as_ptr().cast::<u8>();
+            ([at(0), at(1)], DEPTH * 2)
+        }
+    };
+    // SAFETY: rows 0..m, all readable; a tile of rows r..r + 16 ≤ m reads, at a whole step,
+    // 32 values inside each row's `k2` (asserted above), at the last partial step the copy
+    // (32 rows of 64 bytes, rewritten only at the next call).
+    unsafe {
+        product(
+            tiles,
+            0..m,
+            m,
+            k2.div_ceil(DEPTH),
+            tiles_of,
+            b,
+            panels,
+            finish,
+        )
     }
 }
 

@@ -297,7 +297,7 @@ pub fn gemm_bf16(
 
 /// Adds the bias to `row` and clamps it at zero as `epi` says, then copies its first
 /// `dst.len()` values to `dst`. `bias` starts at `row`'s first column.
-fn finish(row: &mut [f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
+pub(super) fn finish(row: &mut [f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
     if let Some(bias) = bias {
         for (x, &b) in row.iter_mut().zip(bias) {
             *x += b;
@@ -327,7 +327,7 @@ pub(super) fn gemm_tiles(
 ) {
     let col0 = panels.start * NR;
     let last = panels.end;
-    amx::product(tiles, m, a, lda, b, panels, |j, rows, block| {
+    amx::gemm(tiles, m, a, lda, b, panels, |j, rows, block| {
         let width = 2.min(last - j) * NR;
         let cols = (b.n - j * NR).min(width);
         let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);

@@ -13,6 +13,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::amx;
 use super::bf16::{self, Kernel, PackedBf16};
 use super::gemm::{self, Epilogue, Isa, PackedB, NR};
 use super::{input_nhwc, isa, padded_bias, supported, with_scratch, Plan, Shared};
@@ -249,6 +250,120 @@ impl DirectConvBf16 {
     pub fn bytes(&self) -> usize {
         self.weights.bytes() + self.bias.len() * 4
     }
+
+    /// Whether [`Self::forward_tiles`] takes `h × w` maps: whole 32-channel steps, and a
+    /// tile's 16 rows inside one image's grid.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) fn tiles_fit(&self, h: usize, w: usize) -> bool {
+        self.c_in.is_multiple_of(amx::DEPTH) && h * (w + 2) >= amx::ROWS
+    }
+
+    /// The conv on AMX tiles (or the tests' model of them, from `make`), with no receptive
+    /// fields copied. The input, rounded to bf16, goes into a zero-bordered copy, `h + 2` rows
+    /// of `w + 2` pixels per image; output pixels are computed over that copy's rows, `w + 2`
+    /// per output row (the last two past the edge: computed, then dropped). Then the 16 pixels
+    /// of a tile are 16 evenly spaced pixels of the copy for every tap (`ky`, `kx`): each `A`
+    /// tile loads straight from the copy, 32 channels of 16 pixels, `c_in` apart.
+    ///
+    /// `x` is the `[n, h, w, c_in]` input; [`Self::tiles_fit`] must hold.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) fn forward_tiles<T: amx::Tiles>(
+        &self,
+        make: impl Fn() -> T + Sync,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+    ) -> Vec<f32> {
+        assert!(self.tiles_fit(h, w), "forward_tiles: shape");
+        assert_eq!(
+            x.len(),
+            n * h * w * self.c_in,
+            "forward_tiles: input length"
+        );
+        let c = self.c_in;
+        let (hp, wp) = (h + 2, w + 2);
+        let image = hp * wp;
+        let grid = h * wp;
+        // Two pixels past the last image: the right taps of its last grid rows (dropped ones)
+        // read them.
+        let mut xp = vec![0u16; (n * image + 2) * c];
+        xp.par_chunks_mut(wp * c)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, y) = (row / hp, row % hp);
+                if img < n && (1..=h).contains(&y) {
+                    let src = &x[(img * h + y - 1) * w * c..][..w * c];
+                    bf16::to_bf16_slice(src, &mut dst[c..(w + 1) * c]);
+                }
+            });
+        let chunks = c / amx::DEPTH;
+        let plan = Plan::new(
+            n * grid,
+            BLOCK_ROWS,
+            self.weights.panels(),
+            rayon::current_num_threads(),
+        );
+        let mut out = vec![0f32; n * h * w * self.c_out];
+        let shared = Shared(out.as_mut_ptr());
+        let out_len = out.len();
+        plan.items().for_each(|(rows, panels)| {
+            let mut tiles = make();
+            let last = panels.end;
+            // A work item's rows may span images; a tile's rows never do.
+            for img in rows.start / grid..rows.end.div_ceil(grid) {
+                let base = img * grid;
+                let local = rows.start.max(base) - base..rows.end.min(base + grid) - base;
+                let first = img * image;
+                let a = |r: [usize; 2], s: usize| {
+                    let (tap, chunk) = (s / chunks, s % chunks);
+                    let shift = tap / 3 * wp + tap % 3;
+                    let at = |t: usize| {
+                        let pixel = first + r[t] + shift;
+                        xp[pixel * c + chunk * amx::DEPTH..].as_ptr().cast::<u8>()
+                    };
+                    ([at(0), at(1)], c * 2)
+                };
+                let finish = |j: usize, q: Range<usize>, block: &[f32]| {
+                    let width = 2.min(last - j) * NR;
+                    let cols = (self.c_out - j * NR).min(width);
+                    let bias = &self.bias[j * NR..][..width];
+                    let mut row = [0f32; 2 * NR];
+                    for (k, q) in q.enumerate() {
+                        let (y, xx) = (q / wp, q % wp);
+                        if xx >= w {
+                            continue;
+                        }
+                        row[..width].copy_from_slice(&block[k * 2 * NR..][..width]);
+                        let at = ((img * h + y) * w + xx) * self.c_out + j * NR;
+                        assert!(at + cols <= out_len);
+                        // SAFETY: in bounds (checked); this pixel's channels of these panels
+                        // are this work item's alone (the plan's items are disjoint).
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(at), cols) };
+                        bf16::finish(&mut row[..width], Some(bias), true, dst);
+                    }
+                };
+                // SAFETY: `local` lies in this image's `grid` rows (≥ 16: `tiles_fit`). A tile
+                // of rows r..r + 16 ≤ grid at tap (ky, kx) reads pixels first + r + ky·wp + kx
+                // onwards, 16 of them `c` values apart: the last is at most first + grid - 1 +
+                // 2·wp + 2 = first + image + 1, inside `xp` (two pixels past the last image);
+                // each reads 32 values from channel 32·chunk, inside its `c`. `steps`: 9·c/32,
+                // the weights' rows in whole steps.
+                unsafe {
+                    amx::product(
+                        &mut tiles,
+                        local,
+                        grid,
+                        9 * chunks,
+                        a,
+                        &self.weights,
+                        panels.clone(),
+                        finish,
+                    )
+                };
+            }
+        });
+        out
+    }
 }
 
 impl CustomOp1 for DirectConvBf16 {
@@ -262,6 +377,15 @@ impl CustomOp1 for DirectConvBf16 {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, [n, h, w, _]) = input_nhwc(self.name(), storage, layout, self.c_in)?;
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel.or_below() == Kernel::Amx && self.tiles_fit(h, w) {
+            let make = || {
+                // SAFETY: `or_below` kept AMX only where `amx::available()`.
+                unsafe { amx::Hardware::here() }
+            };
+            let out = self.forward_tiles(make, x, [n, h, w]);
+            return Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.c_out))));
+        }
         let rows = n * h * w;
         let lda = self.weights.k().div_ceil(2) * 2;
         // The map in bf16 once: each value goes into up to nine receptive fields.

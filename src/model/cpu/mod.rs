@@ -20,7 +20,8 @@
 //! time by [`Isa::detect`], and the portable twin every SIMD kernel is tested against),
 //! `winograd.rs` (the F(4×4, 3×3) transforms), `direct.rs` (the 3×3 conv as im2col + GEMM),
 //! `bf16.rs` (bf16 products with f32 sums, AVX512-BF16, for `--dtype bf16`: both 3×3
-//! algorithms run their products on it),
+//! algorithms run their products on it), `amx.rs` (the same products on AMX tiles, and the
+//! direct conv's tiles read straight from the input map),
 //! this file (the ops: im2col stem, the 3×3 chooser, Winograd conv, max-pool). A new SIMD kernel
 //! goes next to its portable twin, behind an [`Isa`] check, with a test that compares the two on
 //! ragged shapes.
@@ -422,6 +423,15 @@ const DIRECT_MIN_PAIRS: usize = 128 * 256;
 /// when 7×7 maps at batch 8 go direct too; batches 2 and 4 tie either way.
 const DIRECT_BF16_MAX_PIXELS: usize = 196;
 
+/// Whether bf16 layers run the direct conv alone, whatever their size: where the products run
+/// on AMX tiles. Not yet measured (no AMX CPU was at hand): AMX multiplies about 8× faster than
+/// AVX512-BF16, which leaves Winograd's f32 transforms (a sixth of a batch-1 pass already with
+/// AVX512-BF16) outweighing the 2.25× multiplies it saves, and the AMX direct conv copies no
+/// receptive fields ([`DirectConvBf16::forward_tiles`]). `--conv-impl winograd` compares.
+fn bf16_direct_only() -> bool {
+    Kernel::detect() == Kernel::Amx
+}
+
 impl Conv3x3 {
     /// From PyTorch-layout weights `[c_out, c_in, 3, 3]` (flattened) and bias `[c_out]`.
     pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize, algo: Algo) -> Self {
@@ -429,6 +439,7 @@ impl Conv3x3 {
         let (winograd, direct) = match algo.pick {
             Pick::Winograd => (true, false),
             Pick::Direct => (false, true),
+            Pick::BySize { .. } if bf16 && bf16_direct_only() => (false, true),
             Pick::BySize { side } => (
                 true,
                 Self::direct_wins(isa(), bf16, 1, side, side, c_in, c_out),
@@ -1343,6 +1354,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_amx_direct_conv_reads_its_tiles_from_the_padded_map_right() {
+        let amx_here = Kernel::Amx.or_below() == Kernel::Amx;
+        if !amx_here {
+            println!("SKIPPED: the AMX direct conv on the CPU (this CPU lacks amx_bf16)");
+        }
+        // Grids of exactly one tile (4 × (2 + 2)) and of a tile and a bit; maps narrower than
+        // the grid's padding; several images, so that work items span images; 32 and 64
+        // channels in (one and two steps per tap); channels out not a multiple of 16 or 32.
+        for &(n, ci, co, h, w) in &[
+            (1, 32, 16, 4, 2),
+            (2, 32, 17, 5, 6),
+            (3, 64, 40, 3, 5),
+            (1, 64, 48, 7, 7),
+            (2, 32, 33, 1, 14),
+        ] {
+            let x =
+                Tensor::from_vec(values(n * ci * h * w, 21), (n, ci, h, w), &Device::Cpu).unwrap();
+            let wv = values(co * ci * 9, 22);
+            let bv = values(co, 23);
+            let op = DirectConvBf16::new(&wv, &bv, co, ci);
+            assert!(op.tiles_fit(h, w), "{h}x{w}");
+            let nhwc: Vec<f32> = x
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let out = op.forward_tiles(amx::Model::default, &nhwc, [n, h, w]);
+            let got = Tensor::from_vec(out, (n, h, w, co), &Device::Cpu)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            // The same roundings as the im2col conv on the portable product, summed in
+            // another order.
+            let twin = on_nhwc(&x, &op.clone().portable());
+            let shape = format!("{n}x{ci}->{co} {h}x{w}");
+            let err = max_rel_err(&got, &twin);
+            assert!(err < 1e-5, "{shape}: tiles vs im2col {err}");
+            let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
+            let err = max_rel_err(&got, &want);
+            assert!(err < 1e-2, "{shape}: tiles vs f32 {err}");
+            if amx_here {
+                // The op itself on this CPU's tiles.
+                let err = max_rel_err(&on_nhwc(&x, &op), &twin);
+                assert!(err < 1e-5, "{shape}: AMX vs im2col {err}");
+            }
+        }
+        // One tile needs 16 grid rows, and the channels whole 32-channel steps.
+        let op = DirectConvBf16::new(&[0.0; 32 * 9], &[0.0], 1, 32);
+        assert!(!op.tiles_fit(1, 13) && op.tiles_fit(1, 14));
+        let op = DirectConvBf16::new(&[0.0; 48 * 9], &[0.0], 1, 48);
+        assert!(!op.tiles_fit(7, 7));
     }
 
     #[test]
