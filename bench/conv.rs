@@ -10,6 +10,7 @@
 //! ```sh
 //! cargo run --release --example conv                               # batches 1, 8, 32
 //! cargo run --release --example conv -- --batches 1,2,4 --seconds 1 --cpu-isa avx2 --warm
+//! cargo run --release --example conv -- --cpu-isa avx512   # bf16 on AVX512-BF16, AMX left out
 //! ```
 
 use std::{
@@ -18,7 +19,10 @@ use std::{
 };
 
 use candle_core::{Device, Tensor};
-use diracnet::model::cpu::{bf16::avx512_bf16, DirectConv, DirectConvBf16, Isa, WinogradConv};
+use diracnet::model::cpu::{
+    bf16::{avx512_bf16, Kernel},
+    DirectConv, DirectConvBf16, Isa, WinogradConv,
+};
 
 /// Median milliseconds of `f` over `seconds` (at least 10 runs), each run after `flush`
 /// (untimed) when one is given.
@@ -73,8 +77,9 @@ fn main() {
         }
     }
     println!(
-        "kernels: {}, threads: {}, caches: {}",
+        "kernels: {} (bf16: {}), threads: {}, caches: {}",
         Isa::detect().name(),
+        Kernel::detect().name(),
         rayon::current_num_threads(),
         if warm {
             "warm (weights cached between runs)"

@@ -104,13 +104,15 @@ def last_json_line(text):
 class Ours:
     """`diracnet bench` with one conv implementation (None: the binary's default)."""
 
-    def __init__(self, binary, conv_impl, threads, cache_dir, dtype="f32"):
+    def __init__(self, binary, conv_impl, threads, cache_dir, dtype="f32", cpu_isa=None):
         self.binary, self.conv_impl, self.threads, self.cache_dir = binary, conv_impl, threads, cache_dir
-        self.dtype = dtype
+        self.dtype, self.cpu_isa = dtype, cpu_isa
         self.key = "ours" if conv_impl is None else f"ours-{conv_impl}"
         self.label = "ours" if conv_impl is None else f"ours ({conv_impl})"
         if dtype != "f32":
             self.key, self.label = f"{self.key}-{dtype}", f"ours ({conv_impl or 'default'}, {dtype})"
+        if cpu_isa is not None:
+            self.key, self.label = f"{self.key}-{cpu_isa}", f"{self.label[:-1]}, --cpu-isa {cpu_isa})"
         self.tolerance = TOLERANCE[dtype]
         self.flags = {sub: help_flags(binary, sub) for sub in ("bench", "classify")}
         if conv_impl is not None and "--conv-impl" not in self.flags["bench"]:
@@ -129,6 +131,8 @@ class Ours:
             cmd += ["--dtype", self.dtype]
         elif self.dtype != "f32":
             sys.exit(f"{self.binary} {sub} has no --dtype")
+        if self.cpu_isa is not None:
+            cmd += ["--cpu-isa", self.cpu_isa]
         if self.conv_impl is not None:
             if "--conv-impl" in self.flags[sub]:
                 cmd += ["--conv-impl", self.conv_impl]
@@ -357,6 +361,11 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="add a row for `diracnet --dtype bf16` (needs a CPU with AVX512-BF16), and "
                          "PyTorch's and OpenVINO's bf16 where those systems run")
+    ap.add_argument("--bf16-conv-impl", default="fast",
+                    help="comma list of `--conv-impl` values for the bf16 rows (default fast)")
+    ap.add_argument("--bf16-cpu-isa", default="auto",
+                    help="comma list of `--cpu-isa` values for the bf16 rows: `auto` (AMX where the "
+                         "CPU has it), `avx512` (AVX512-BF16 alone); default auto")
     ap.add_argument("--openvino", action="store_true",
                     help="add OpenVINO (f32; with --bf16 also bf16) on the ONNX file (needs openvino in "
                          "this Python)")
@@ -383,7 +392,12 @@ def main():
         systems = [Ours(binary, None if c == "default" else c, a.threads, cache)
                    for c in a.conv_impl.split(",") if c and not a.no_ours]
         if a.bf16 and not a.no_ours:
-            systems.append(Ours(binary, "fast", a.threads, cache, dtype="bf16"))
+            isas = [i for i in a.bf16_cpu_isa.split(",") if i]
+            for conv in (c for c in a.bf16_conv_impl.split(",") if c):
+                for isa in isas:
+                    # `auto` alone keeps the row's old name (and its key in earlier results).
+                    cpu_isa = None if isas == ["auto"] else isa
+                    systems.append(Ours(binary, conv, a.threads, cache, dtype="bf16", cpu_isa=cpu_isa))
         if not a.no_ort:
             systems.append(Python(ORT, sys.executable, a.threads))
         if a.torch_python:

@@ -4,7 +4,8 @@
 #   bench/cpu/run.sh [--binary PATH] [--with-torch | --torch-python PY] [--openvino] [--python PY]
 #                    [--seconds S] [--rounds R] [--depth 18|34|both] [--batches 1,8,32]
 #                    [--threads T] [--conv-impl fast[,winograd,direct,candle]|default] [--warmup N]
-#                    [--bf16] [--no-ours] [--no-ort] [--skip-check] [--out DIR]
+#                    [--bf16 [--bf16-conv-impl fast,winograd,direct] [--bf16-cpu-isa auto,avx512]]
+#                    [--no-ours] [--no-ort] [--skip-check] [--out DIR]
 #
 # - Makes the venv bench/cpu/.venv from PyPI (requirements.txt) the first time.
 # - --with-torch also installs torch into that venv (from PyPI; set TORCH_EXTRA_INDEX_URL,
@@ -14,6 +15,8 @@
 #   same ONNX file as ONNX Runtime.
 # - --bf16 adds `diracnet --dtype bf16` (a CPU with AVX512-BF16), and PyTorch bf16 / OpenVINO
 #   bf16 when those are in the run; their logits are held to 1.5 % of the largest, not 1e-3.
+#   --bf16-conv-impl and --bf16-cpu-isa give one bf16 row per pair (`--cpu-isa avx512` leaves
+#   AMX out: AMX against AVX512-BF16 on one CPU).
 # - Without --binary, builds `cargo build --release --bin diracnet` first.
 # - Writes DN18/DN34 random weights (safetensors) and the same networks as ONNX into
 #   bench/out/cpu/models (reused), checks every system's logits against a NumPy float64

@@ -532,12 +532,9 @@ mod tests {
     }
 
     /// The products to compare: the portable kernel, the AMX driver on the software model of
-    /// the tiles (from 16 rows), and the CPU's kernels where it has them.
-    fn kernels_here(m: usize) -> Vec<&'static str> {
-        let mut kernels = vec!["portable"];
-        if m >= amx::ROWS {
-            kernels.push("amx model");
-        }
+    /// the tiles, and the CPU's kernels where it has them (saying which it lacks).
+    fn kernels_here() -> Vec<&'static str> {
+        let mut kernels = vec!["portable", "amx model"];
         for (kernel, flag) in [(Kernel::Avx512, "avx512_bf16"), (Kernel::Amx, "amx_bf16")] {
             if kernel.or_below() == kernel {
                 kernels.push(kernel.name());
@@ -553,6 +550,7 @@ mod tests {
 
     #[test]
     fn bf16_products_match_the_rounded_inputs_in_f64_on_ragged_shapes() {
+        let kernels = kernels_here();
         // Odd k (a zero-padded last pair), partial row tiles, one panel alone, partial panels;
         // for AMX: exactly one tile, whole and partial 32-deep steps, a last row block moved
         // back over rows already done, a lone last panel, a range of panels not from 0.
@@ -582,7 +580,9 @@ mod tests {
             let col0 = first_panel * NR;
             let ldc = n - col0 + 3;
             let mut results = Vec::new();
-            for kernel in kernels_here(m) {
+            // The tiles take 16 rows at least (fewer run on AVX512-BF16).
+            let tiles = |k: &&str| m >= amx::ROWS || !k.starts_with("amx");
+            for kernel in kernels.iter().copied().filter(tiles) {
                 let mut c = vec![f32::NAN; m * ldc];
                 let epi = Epilogue {
                     bias: Some(&bias),
