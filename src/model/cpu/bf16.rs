@@ -369,10 +369,21 @@ fn gemm_vectors(
             let rows = MR.min(m - i);
             let a_rows = &a[i * lda..];
             if avx512 {
+                // Whole panels go straight into `c`, the epilogue applied on the way; a last,
+                // partial one through `tmp`.
+                let whole = cols == width;
+                let (out, ldo, epi) = if whole {
+                    let at = i * ldc + j * NR - col0;
+                    assert!(at + (rows - 1) * ldc + width <= c.len());
+                    (c[at..].as_mut_ptr(), ldc, Some((bias, epi.relu)))
+                } else {
+                    (tmp.as_mut_ptr(), width, None)
+                };
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX512-BF16 was detected; `a_rows` holds `rows` rows of `k2` values at
-                // stride `lda` (asserted by the caller), each panel `k2 / 2` rows of NR pairs,
-                // and `tmp` `rows` rows of `width` floats.
+                // stride `lda` (asserted by the caller), each panel `k2 / 2` rows of NR pairs;
+                // `out` has `rows` rows of `width` floats `ldo` apart (checked above, or `tmp`),
+                // and a bias `width` long.
                 unsafe {
                     micro_avx512(
                         rows,
@@ -381,10 +392,15 @@ fn gemm_vectors(
                         lda,
                         [b.panel(j).as_ptr(), b.panel(j + panels - 1).as_ptr()],
                         panels,
-                        tmp.as_mut_ptr(),
-                        width,
+                        out,
+                        ldo,
+                        epi,
                     )
                 };
+                if whole {
+                    i += rows;
+                    continue;
+                }
             } else {
                 micro_portable(rows, k2 / 2, a_rows, lda, b, j, panels, &mut tmp);
             }
@@ -434,12 +450,13 @@ fn micro_portable(
 }
 
 /// AVX512-BF16 micro-kernel: up to [`MR`] rows × one or two panels; per pair of reduction steps,
-/// one broadcast of an `A` pair per row and one `vdpbf16ps` per row and panel.
+/// one broadcast of an `A` pair per row and one `vdpbf16ps` per row and panel. With `epi`, adds
+/// the bias (when there is one) and clamps at zero (when asked) before storing, as [`finish`].
 ///
 /// # Safety
 /// The CPU must support AVX-512F and AVX512-BF16. `a` addresses `rows` rows of `2·pairs` bf16
 /// at stride `lda`; `b[q]` (`q < panels`) a panel of `pairs` rows of NR pairs; `out` `rows` rows
-/// of `panels · NR` floats.
+/// of `panels · NR` floats, `ldo` apart; a bias, `panels · NR` floats.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -452,6 +469,7 @@ unsafe fn micro_avx512(
     panels: usize,
     out: *mut f32,
     ldo: usize,
+    epi: Option<(Option<&[f32]>, bool)>,
 ) {
     use std::arch::x86_64::*;
     // SAFETY: every offset stays inside the regions the caller vouched for.
@@ -469,8 +487,19 @@ unsafe fn micro_avx512(
                 }
             }
         }
+        let (bias, relu) = epi.unwrap_or((None, false));
         for (r, acc_r) in acc.iter().enumerate().take(rows) {
             for (q, &x) in acc_r.iter().enumerate().take(panels) {
+                let x = match bias {
+                    Some(bias) => _mm512_add_ps(x, _mm512_loadu_ps(bias[q * NR..][..NR].as_ptr())),
+                    None => x,
+                };
+                // As `f32::max`: a NaN sum gives 0 (the second operand).
+                let x = if relu {
+                    _mm512_max_ps(x, _mm512_setzero_ps())
+                } else {
+                    x
+                };
                 _mm512_storeu_ps(out.add(r * ldo + q * NR), x);
             }
         }
