@@ -223,12 +223,30 @@ impl Tiles for Hardware {
     }
 }
 
+/// One block of a [`product`]: up to 32 rows × two panels of sums, as the tiles stored them.
+pub(super) struct Block<'a> {
+    sums: &'a [f32],
+    /// The first rows of the two row tiles.
+    r: [usize; 2],
+}
+
+impl Block<'_> {
+    /// Row `g`'s 32 sums: panel `j`'s 16 columns, then panel `j + 1`'s (when `j + 1` is in the
+    /// product's panels; else nothing to read).
+    pub(super) fn row(&self, g: usize) -> &[f32] {
+        let local = if g < self.r[0] + ROWS {
+            g - self.r[0]
+        } else {
+            ROWS + g - self.r[1]
+        };
+        &self.sums[local * 2 * NR..][..2 * NR]
+    }
+}
+
 /// `Σ_p A[i, p] · B[p, col]` in f32 for the rows `rows` and the panels `panels` of `b`, over
 /// `steps` steps of 32 (`b` is read as rows of pairs `16·s..16·s + 16` at step `s`), handed
-/// over as `finish(j, rows, block)` for each block of up to 32 rows × panels `j` and `j + 1`:
-/// `block` holds row `rows.start + r` at `block[r * 32..][..32]`, its first 16 values panel
-/// `j`'s columns, the next 16 panel `j + 1`'s (when `j + 1` is in `panels`; else nothing to
-/// read).
+/// over as `finish(j, rows, block)` for each block of up to 32 rows × panels `j` and `j + 1`
+/// ([`Block::row`] gives each row's sums).
 ///
 /// `a(r, s)` gives the `A` tiles of step `s` for the 16 rows from `r[0]` and from `r[1]`: their
 /// first bytes, and the bytes from one row to the next. The tiles of a last block of fewer than
@@ -248,7 +266,7 @@ pub(super) unsafe fn product(
     mut a: impl FnMut([usize; 2], usize) -> ([*const u8; 2], usize),
     b: &PackedBf16,
     panels: Range<usize>,
-    mut finish: impl FnMut(usize, Range<usize>, &[f32]),
+    mut finish: impl FnMut(usize, Range<usize>, &Block),
 ) {
     assert!(valid >= ROWS && rows.end <= valid, "amx::product: rows");
     assert!(panels.end <= b.panels(), "amx::product: panel out of range");
@@ -280,16 +298,7 @@ pub(super) unsafe fn product(
             }
             // Rows i.. of the block: those of the first tile from i, then the second's beyond.
             let end = (i + 2 * ROWS).min(rows.end);
-            let mut out = [[0f32; 2 * NR]; 2 * ROWS];
-            for g in i..end {
-                let local = if g < r[0] + ROWS {
-                    g - r[0]
-                } else {
-                    ROWS + g - r[1]
-                };
-                out[g - i].copy_from_slice(&block[local * 2 * NR..][..2 * NR]);
-            }
-            finish(j, i..end, out.as_flattened());
+            finish(j, i..end, &Block { sums: &block, r });
             i = end;
         }
         j += 2;
@@ -306,7 +315,7 @@ pub(super) fn gemm(
     lda: usize,
     b: &PackedBf16,
     panels: Range<usize>,
-    finish: impl FnMut(usize, Range<usize>, &[f32]),
+    finish: impl FnMut(usize, Range<usize>, &Block),
 ) {
     let k2 = b.k().div_ceil(2) * 2;
     assert!(m >= ROWS, "amx::gemm: fewer rows than a tile");

@@ -295,20 +295,49 @@ pub fn gemm_bf16(
     }
 }
 
-/// Adds the bias to `row` and clamps it at zero as `epi` says, then copies its first
-/// `dst.len()` values to `dst`. `bias` starts at `row`'s first column.
-pub(super) fn finish(row: &mut [f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
-    if let Some(bias) = bias {
-        for (x, &b) in row.iter_mut().zip(bias) {
-            *x += b;
-        }
+/// `dst[i] = sums[i] + bias[i]`, clamped at zero if `relu`, for `i < dst.len()` (`bias`, when
+/// there is one, and `sums` at least as long). Compiled for AVX-512 where the kernels run it.
+#[inline]
+pub(super) fn finish(sums: &[f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == Isa::Avx512 {
+        // SAFETY: an `Isa::Avx512` is detected only where AVX-512F runs.
+        return unsafe { finish_avx512(sums, bias, relu, dst) };
     }
-    if relu {
-        for x in row.iter_mut() {
-            *x = x.max(0.0);
+    finish_portable(sums, bias, relu, dst);
+}
+
+/// [`finish_portable`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn finish_avx512(sums: &[f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
+    finish_portable(sums, bias, relu, dst);
+}
+
+#[inline(always)]
+fn finish_portable(sums: &[f32], bias: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
+    let sums = &sums[..dst.len()];
+    match (bias, relu) {
+        (Some(bias), true) => {
+            for ((d, &s), &b) in dst.iter_mut().zip(sums).zip(&bias[..sums.len()]) {
+                *d = (s + b).max(0.0);
+            }
         }
+        (Some(bias), false) => {
+            for ((d, &s), &b) in dst.iter_mut().zip(sums).zip(&bias[..sums.len()]) {
+                *d = s + b;
+            }
+        }
+        (None, true) => {
+            for (d, &s) in dst.iter_mut().zip(sums) {
+                *d = s.max(0.0);
+            }
+        }
+        (None, false) => dst.copy_from_slice(sums),
     }
-    dst.copy_from_slice(&row[..dst.len()]);
 }
 
 /// [`gemm_bf16`] on AMX tiles (or the tests' model of them), checked as there.
@@ -331,11 +360,9 @@ pub(super) fn gemm_tiles(
         let width = 2.min(last - j) * NR;
         let cols = (b.n - j * NR).min(width);
         let bias = epi.bias.map(|bias| &bias[j * NR..j * NR + width]);
-        let mut row = [0f32; 2 * NR];
-        for (r, i) in rows.enumerate() {
-            row[..width].copy_from_slice(&block[r * 2 * NR..][..width]);
+        for i in rows {
             let dst = &mut c[i * ldc + j * NR - col0..][..cols];
-            finish(&mut row[..width], bias, epi.relu, dst);
+            finish(block.row(i), bias, epi.relu, dst);
         }
     });
 }
@@ -368,6 +395,7 @@ fn gemm_vectors(
         while i < m {
             let rows = MR.min(m - i);
             let a_rows = &a[i * lda..];
+            #[cfg(target_arch = "x86_64")]
             if avx512 {
                 // Whole panels go straight into `c`, the epilogue applied on the way; a last,
                 // partial one through `tmp`.
@@ -379,7 +407,6 @@ fn gemm_vectors(
                 } else {
                     (tmp.as_mut_ptr(), width, None)
                 };
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX512-BF16 was detected; `a_rows` holds `rows` rows of `k2` values at
                 // stride `lda` (asserted by the caller), each panel `k2 / 2` rows of NR pairs;
                 // `out` has `rows` rows of `width` floats `ldo` apart (checked above, or `tmp`),
@@ -401,12 +428,13 @@ fn gemm_vectors(
                     i += rows;
                     continue;
                 }
-            } else {
+            }
+            if !avx512 {
                 micro_portable(rows, k2 / 2, a_rows, lda, b, j, panels, &mut tmp);
             }
             for r in 0..rows {
                 let dst = &mut c[(i + r) * ldc + j * NR - col0..][..cols];
-                finish(&mut tmp[r * width..][..width], bias, epi.relu, dst);
+                finish(&tmp[r * width..][..width], bias, epi.relu, dst);
             }
             i += rows;
         }

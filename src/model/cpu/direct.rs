@@ -322,24 +322,22 @@ impl DirectConvBf16 {
                     };
                     ([at(0), at(1)], c * 2)
                 };
-                let finish = |j: usize, q: Range<usize>, block: &[f32]| {
+                let finish = |j: usize, q: Range<usize>, block: &amx::Block| {
                     let width = 2.min(last - j) * NR;
                     let cols = (self.c_out - j * NR).min(width);
                     let bias = &self.bias[j * NR..][..width];
-                    let mut row = [0f32; 2 * NR];
-                    for (k, q) in q.enumerate() {
+                    for q in q {
                         let (y, xx) = (q / wp, q % wp);
                         if xx >= w {
                             continue;
                         }
-                        row[..width].copy_from_slice(&block[k * 2 * NR..][..width]);
                         let at = ((img * h + y) * w + xx) * self.c_out + j * NR;
                         assert!(at + cols <= out_len);
                         // SAFETY: in bounds (checked); this pixel's channels of these panels
                         // are this work item's alone (the plan's items are disjoint).
                         let dst =
                             unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(at), cols) };
-                        bf16::finish(&mut row[..width], Some(bias), true, dst);
+                        bf16::finish(block.row(q), Some(bias), true, dst);
                     }
                 };
                 // SAFETY: `local` lies in this image's `grid` rows (≥ 16: `tiles_fit`). A tile
