@@ -7,7 +7,7 @@
 //! pairs: the layout [`PackedBf16`] already packs its panels in for AVX512-BF16, so one panel of
 //! [`NR`] columns over 32 reduction steps is exactly one `B` tile (64-byte rows).
 //!
-//! Every tile here is 16 × 64 bytes (one configuration, loaded once per thread):
+//! Every tile here is 16 × 64 bytes (one configuration, loaded for each work item):
 //!
 //! ```text
 //!            B: tmm6 (panel j)   tmm7 (panel j + 1)
@@ -117,23 +117,29 @@ fn detect() -> bool {
     false
 }
 
-/// The tiles on the CPU. Made only where [`available`] is true.
+/// The tiles on the CPU, configured for as long as this value lives (made only where
+/// [`available`] is true). Making it loads the configuration; dropping it releases the tiles
+/// (`tilerelease`), as Intel asks of code done with them: no tile state outlives a work item,
+/// and nothing depends on what a thread did before.
+///
+/// While one is alive its thread must not run other work that could use the tiles: no rayon
+/// call (a job stolen meanwhile could make its own and release the tiles under this one).
 #[cfg(target_arch = "x86_64")]
-pub(super) struct Hardware(());
+pub(super) struct Hardware(std::marker::PhantomData<*const ()>);
 
 #[cfg(target_arch = "x86_64")]
 impl Hardware {
-    /// Configures this thread's tiles, once per thread (the configuration stays loaded: nothing
-    /// else in the process uses the tiles, and the kernel saves them across switches).
+    /// Configures this thread's tiles: palette 1, every tile 16 rows × 64 bytes.
     ///
     /// # Safety
     /// [`available`] returned true.
     pub(super) unsafe fn here() -> Self {
-        /// Palette 1, every tile 16 rows × 64 bytes: byte 0 the palette, bytes 16..32 each
-        /// tile's bytes per row (u16, little-endian), bytes 48..56 each tile's rows.
+        /// The 64-byte `ldtilecfg` descriptor: byte 0 the palette, then from byte 16 each
+        /// tile's bytes per row (u16, little-endian), from byte 48 each tile's rows; tiles 8 to
+        /// 15 (absent in palette 1) and the reserved bytes zero.
         #[repr(C, align(64))]
         struct Config([u8; 64]);
-        const CONFIG: Config = {
+        static CONFIG: Config = {
             let mut c = [0u8; 64];
             c[0] = 1;
             let mut t = 0;
@@ -144,24 +150,25 @@ impl Hardware {
             }
             Config(c)
         };
-        thread_local! {
-            static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        CONFIGURED.with(|done| {
-            if !done.get() {
-                // SAFETY: AMX runs here and the process holds the tile state (the caller's
-                // contract); the descriptor is 64 aligned, readable bytes.
-                unsafe {
-                    std::arch::asm!(
-                        "ldtilecfg [{0}]",
-                        in(reg) CONFIG.0.as_ptr(),
-                        options(nostack, readonly, preserves_flags)
-                    )
-                };
-                done.set(true);
-            }
-        });
-        Self(())
+        // SAFETY: AMX runs here and the process holds the tile state (the caller's contract);
+        // the descriptor is 64 readable bytes.
+        unsafe {
+            std::arch::asm!(
+                "ldtilecfg [{0}]",
+                in(reg) CONFIG.0.as_ptr(),
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+        // Not `Send`: the configuration belongs to this thread.
+        Self(std::marker::PhantomData)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Hardware {
+    fn drop(&mut self) {
+        // SAFETY: AMX runs here (a `Hardware` exists); `tilerelease` touches no memory.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
     }
 }
 
