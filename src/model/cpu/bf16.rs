@@ -12,6 +12,7 @@
 //! ([`Kernel`]): AVX512-BF16, AMX tiles (`amx.rs`), and the portable twin both are tested
 //! against.
 
+use super::aligned::Aligned;
 use super::amx;
 use super::gemm::{Epilogue, Isa, NR};
 
@@ -192,8 +193,9 @@ pub struct PackedBf16 {
     n: usize,
     /// Rows of pairs per panel: `ceil(k / 2)` rounded up to a multiple of 16.
     rows: usize,
-    /// Each value: bf16 of row `2q` in the low half, of row `2q + 1` in the high half.
-    data: Vec<u32>,
+    /// Each value: bf16 of row `2q` in the low half, of row `2q + 1` in the high half. From a
+    /// cache line: each panel row (16 pairs) is one line.
+    data: Aligned<u32>,
 }
 
 impl PackedBf16 {
@@ -201,7 +203,7 @@ impl PackedBf16 {
     pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let (pairs, panels) = (k.div_ceil(2), n.div_ceil(NR));
         let rows = pairs.div_ceil(amx::ROWS) * amx::ROWS;
-        let mut data = vec![0u32; panels * rows * NR];
+        let mut data = Aligned::zeroed(panels * rows * NR);
         for (j, panel) in data.chunks_exact_mut(rows * NR).enumerate() {
             for (q, row) in panel.chunks_exact_mut(NR).take(pairs).enumerate() {
                 for (c, d) in row.iter_mut().enumerate() {

@@ -13,6 +13,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::aligned::Aligned;
 use super::amx;
 use super::bf16::{self, Kernel, PackedBf16};
 use super::gemm::{self, Epilogue, Isa, PackedB, NR};
@@ -285,7 +286,8 @@ impl DirectConvBf16 {
         let grid = h * wp;
         // Two pixels past the last image: the right taps of its last grid rows (dropped ones)
         // read them.
-        let mut xp = vec![0u16; (n * image + 2) * c];
+        // From a cache line: each tile row (32 channels of a pixel) is one line.
+        let mut xp = Aligned::<u16>::zeroed((n * image + 2) * c);
         xp.par_chunks_mut(wp * c)
             .enumerate()
             .for_each(|(row, dst)| {

@@ -9,6 +9,8 @@
 //! vectorises otherwise (and on other architectures). Every kernel is tested against the
 //! portable one on ragged shapes.
 
+use super::aligned::Aligned;
+
 /// Rows of `A` per micro-kernel call.
 pub const MR: usize = 6;
 /// Columns of a packed panel of `B` (two AVX registers, one AVX-512 register).
@@ -26,14 +28,15 @@ pub const KC: usize = 512;
 pub struct PackedB {
     k: usize,
     n: usize,
-    data: Vec<f32>,
+    /// From a cache line: each panel row (16 floats) is one line.
+    data: Aligned<f32>,
 }
 
 impl PackedB {
     /// Packs the `k × n` matrix whose element `(row, col)` is `at(row, col)`.
     pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = Aligned::zeroed(panels * k * NR);
         for (j, panel) in data.chunks_exact_mut(k * NR).enumerate() {
             for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
                 for (c, d) in dst.iter_mut().enumerate() {
@@ -52,7 +55,7 @@ impl PackedB {
         Self {
             k,
             n,
-            data: vec![0f32; n.div_ceil(NR) * k * NR],
+            data: Aligned::zeroed(n.div_ceil(NR) * k * NR),
         }
     }
 
@@ -765,7 +768,7 @@ mod tests {
                         set.set(r, col, bm[r * n + col]);
                     }
                 }
-                assert_eq!(set.data, packed.data);
+                assert_eq!(set.data[..], packed.data[..]);
                 let want = reference(m, k, n, &a, &bm);
                 let mut c = vec![f32::NAN; m * n];
                 let epi = Epilogue {

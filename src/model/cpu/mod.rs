@@ -26,6 +26,7 @@
 //! goes next to its portable twin, behind an [`Isa`] check, with a test that compares the two on
 //! ragged shapes.
 
+mod aligned;
 mod amx;
 pub mod bf16;
 mod direct;
