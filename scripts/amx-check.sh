@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # First run of the bf16 AMX path on a CPU with AMX (issue 13), in one go: the CPU, the AMX tests
 # (the tile kernel, the direct conv reading its tiles from the map, whole-model bf16 parity),
-# per-layer times with AMX and with AVX512-BF16 alone, and whole passes against PyTorch bf16 and
-# OpenVINO bf16 (bench/cpu/run.sh).
+# per-layer times with AMX and with AVX512-BF16 alone, whole passes against PyTorch bf16 and
+# OpenVINO bf16 (bench/cpu/run.sh), and, where cores have two threads, one thread per core.
 #
 #   scripts/amx-check.sh [--quick]     # --quick: DiracNet-18 only, 1 round of 4 s per point
 # Environment: OUT (default amx-check-out) gets every log and the benchmark's table.
@@ -23,6 +23,7 @@ quick=0
 grep -qw amx_bf16 /proc/cpuinfo ||
   echo "amx-check: this CPU has no amx_bf16: the AMX tests will be SKIPPED, and nothing here measures AMX" >&2
 
+cargo build --release --bin diracnet
 echo "== AMX and bf16 tests" >&2
 failed=0
 cargo test --release --lib -- bf16 amx --nocapture > "$out/tests-lib.log" 2>&1 || failed=1
@@ -44,5 +45,17 @@ bench=(--with-torch --openvino --bf16 --bf16-conv-impl "fast,winograd" --bf16-cp
        --out "$out/cpu")
 if ((quick)); then bench+=(--depth 18 --rounds 1 --seconds 4); else bench+=(--depth both --rounds 2 --seconds 5); fi
 bench/cpu/run.sh "${bench[@]}"
+# Two hyperthreads share their core's AMX unit: one thread per core may do as well or better.
+per_core="$(lscpu | awk -F: '/^Thread\(s\) per core/ {gsub(/ /, "", $2); print $2}')"
+if [[ "${per_core:-1}" -gt 1 ]]; then
+  cores=$(( $(nproc) / per_core ))
+  echo "== bf16 DN18 with one thread per core ($cores) and one per logical CPU ($(nproc))" >&2
+  for threads in "$cores" "$(nproc)"; do
+    for batch in 1 8; do
+      target/release/diracnet bench -m random:18 --dtype bf16 --batch "$batch" --threads "$threads" \
+        --seconds 4 --json 2>/dev/null
+    done
+  done | tee "$out/threads.jsonl"
+fi
 echo "amx-check: logs and tables in $out/" >&2
 exit "$failed"

@@ -85,6 +85,19 @@ fn detect() -> bool {
     if max_leaf < 7 || !amx_bf16 || !amx_tile || !std::arch::is_x86_feature_detected!("xsave") {
         return false;
     }
+    // Palette 1 must offer the tiles configured here: 8 of them, 16 rows of 64 bytes (CPUID leaf
+    // 0x1D, subleaf 1: EBX bytes per row and tile count, ECX rows; so on every AMX CPU so far).
+    let palette = (max_leaf >= 0x1d).then(|| __cpuid_count(0x1d, 1));
+    let fits = palette.is_some_and(|p| {
+        let (bytes_per_row, tiles, rows) = (p.ebx & 0xffff, p.ebx >> 16, p.ecx & 0xffff);
+        bytes_per_row as usize >= DEPTH * 2 && tiles >= 8 && rows as usize >= ROWS
+    });
+    if !fits {
+        tracing::warn!(
+            "the CPU has AMX but not 8 tiles of 16 × 64 bytes; bf16 runs on AVX512-BF16"
+        );
+        return false;
+    }
     // The OS must have enabled the tile state in XCR0: bit 17 (the configuration) and bit 18
     // (the data).
     // SAFETY: XGETBV runs where XSAVE is enabled (checked above).
@@ -104,9 +117,13 @@ fn detect() -> bool {
         )
     } == 0;
     if !granted {
+        // A seccomp filter or a sandbox (gVisor), or a thread's signal stack too small for the
+        // tile state.
+        let error = std::io::Error::last_os_error();
         tracing::warn!(
-            "the CPU has AMX but Linux refused this process the tile state (a kernel before \
-             5.16?); bf16 runs on AVX512-BF16"
+            %error,
+            "the CPU has AMX but Linux refused this process the tile state; bf16 runs on \
+             AVX512-BF16"
         );
     }
     granted
@@ -260,6 +277,10 @@ impl Block<'_> {
 /// 32 rows start earlier, so as to end at row `valid` at most (those rows are computed again and
 /// not handed over).
 ///
+/// The accumulators are the thread's tile registers from `zero` to `store`: `a` and `finish`
+/// must not run anything that could use the tiles meanwhile (no rayon call: a job stolen then
+/// could take them). The software model, whose accumulators are its own, cannot catch that.
+///
 /// # Safety
 /// `rows.end ≤ valid`, `valid ≥ 16`; for every `r` with `r[t] + 16 ≤ valid` and `s < steps`,
 /// `a(r, s)` returns addresses of 16 readable rows of 64 bytes each, readable until its next
@@ -362,9 +383,10 @@ pub(super) fn gemm(
     }
 }
 
-/// The four tile instructions in software, as the ISA reference describes them (each pair's
-/// even product then its odd one added to the f32 sum), over the same memory: the twin the
-/// tests run [`product`] on, on every CPU.
+/// The four tile instructions in software, as Intel's SDM describes them (per output, the even
+/// and the odd products of the 16 pairs each summed from zero by fused multiply-adds, rounding
+/// to nearest even; the two sums added, then added to the accumulator; subnormal results
+/// flushed to zero), over the same memory: the twin the tests run [`product`] on, on every CPU.
 #[cfg(test)]
 #[derive(Default)]
 pub(super) struct Model {
@@ -389,14 +411,26 @@ impl Tiles for Model {
             [load(a[0], lda), load(a[1], lda)],
             [load(b[0], NR * 4), load(b[1], NR * 4)],
         );
+        // Output subnormals flush to zero.
+        let ftz = |x: f32| {
+            if x.is_subnormal() {
+                0.0 * x.signum()
+            } else {
+                x
+            }
+        };
         for (t, c) in self.c.iter_mut().enumerate() {
             let (a, b) = (&a[t / 2], &b[t % 2]);
             for (row, c) in c.iter_mut().enumerate() {
                 for (col, c) in c.iter_mut().enumerate() {
+                    let (mut even, mut odd) = (0f32, 0f32);
                     for k in 0..DEPTH / 2 {
-                        *c += from_bf16(a[row][2 * k]) * from_bf16(b[k][2 * col]);
-                        *c += from_bf16(a[row][2 * k + 1]) * from_bf16(b[k][2 * col + 1]);
+                        let (a0, a1) = (from_bf16(a[row][2 * k]), from_bf16(a[row][2 * k + 1]));
+                        let (b0, b1) = (from_bf16(b[k][2 * col]), from_bf16(b[k][2 * col + 1]));
+                        even = ftz(a0.mul_add(b0, even));
+                        odd = ftz(a1.mul_add(b1, odd));
                     }
+                    *c = ftz(*c + ftz(even + odd));
                 }
             }
         }
