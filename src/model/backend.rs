@@ -184,8 +184,8 @@ impl Backend {
     }
 
     /// The CPU kernel set the fast path runs (`avx512`, `avx2+fma`, `portable`, or
-    /// `avx512_bf16` or `amx_bf16` for `--dtype bf16`); `None` when the fast path is not in use (candle's
-    /// convolutions, or a GPU).
+    /// `avx512_bf16` or `amx_bf16` for `--dtype bf16`); `None` when the fast path is not in use
+    /// (candle's convolutions, or a GPU).
     pub fn isa(&self) -> Option<&'static str> {
         match (self.conv.is_fast(), self.dtype) {
             (true, DType::BF16) => Some(cpu::bf16::Kernel::detect().name()),

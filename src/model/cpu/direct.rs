@@ -7,6 +7,9 @@
 //! (9 values per channel pair instead of 36): the faster choice where a layer's weights, not
 //! its pixels, dominate — the 512-channel 7×7 layers at batch 1 stream 37.7 MB of transformed
 //! weights for 4 tiles. Its result is the plain sum of products, as PyTorch's direct conv.
+//!
+//! In bf16 on AMX (`DirectConvBf16::forward_tiles`) nothing is copied: each tile of `A` is 16
+//! evenly spaced pixels of a zero-bordered copy of the map, loaded as it stands.
 
 use std::ops::Range;
 
@@ -205,7 +208,8 @@ impl CustomOp1 for DirectConv {
 
 /// [`DirectConv`] in bf16: the input map rounded to bf16 once, its receptive fields copied from
 /// that, weights packed in bf16 pairs, products summed in f32 ([`bf16::gemm_bf16`]); bias, ReLU
-/// and the output in f32.
+/// and the output in f32. On AMX, no receptive fields are copied: the tiles load straight from
+/// the map ([`Self::forward_tiles`]).
 #[derive(Debug, Clone)]
 pub struct DirectConvBf16 {
     c_in: usize,
