@@ -1198,6 +1198,18 @@ mod tests {
             .collect()
     }
 
+    /// A conv's test case: the input `[n, ci, h, w]`, weights `[co, ci, k, k]` and bias `[co]`,
+    /// from [`values`] with seeds `seed`, `seed + 1` and `seed + 2`.
+    fn conv_case(
+        (n, ci, co, h, w): (usize, usize, usize, usize, usize),
+        k: usize,
+        seed: u32,
+    ) -> (Tensor, Vec<f32>, Vec<f32>) {
+        let x = values(n * ci * h * w, seed);
+        let x = Tensor::from_vec(x, (n, ci, h, w), &Device::Cpu).unwrap();
+        (x, values(co * ci * k * k, seed + 1), values(co, seed + 2))
+    }
+
     /// candle's conv (NCHW) as the reference, bias and ReLU applied after.
     fn reference(
         x: &Tensor,
@@ -1262,10 +1274,7 @@ mod tests {
             (1, 20, 17, 5, 13),
             (3, 24, 48, 9, 6),
         ] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 1), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * 9, 2);
-            let bv = values(co, 3);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 1);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
             for &isa in &isas {
                 let op = WinogradConv::new(&wv, &bv, co, ci).with_isa(isa);
@@ -1289,10 +1298,7 @@ mod tests {
             (2, 24, 48, 9, 6),
             (1, 67, 40, 5, 4),
         ] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 8), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * 9, 9);
-            let bv = values(co, 10);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 8);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
             for &isa in &isas {
                 let op = DirectConv::new(&wv, &bv, co, ci).with_isa(isa);
@@ -1317,10 +1323,7 @@ mod tests {
             (3, 21, 17, 4, 13),
             (2, 40, 48, 9, 6),
         ] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 18), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * 9, 19);
-            let bv = values(co, 20);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 18);
             let want = reference(&x, &wv, &bv, (co, ci, 3), 1, 1);
             let direct = DirectConvBf16::new(&wv, &bv, co, ci);
             let wino = WinogradConv::new(&wv, &bv, co, ci).bf16();
@@ -1373,10 +1376,7 @@ mod tests {
             (1, 64, 48, 7, 7),
             (2, 32, 33, 1, 14),
         ] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 21), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * 9, 22);
-            let bv = values(co, 23);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 21);
             let op = DirectConvBf16::new(&wv, &bv, co, ci);
             assert!(op.tiles_fit(h, w), "{h}x{w}");
             let nhwc: Vec<f32> = x
@@ -1501,10 +1501,7 @@ mod tests {
             (1, 2, 16, 6, 6, 3, 1, 1),
             (1, 3, 40, 9, 9, 7, 2, 3),
         ] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 4), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * k * k, 5);
-            let bv = values(co, 6);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), k, 4);
             let want = reference(&x, &wv, &bv, (co, ci, k), s, p);
             for &isa in &isas {
                 let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p).with_isa(isa);
@@ -1538,10 +1535,7 @@ mod tests {
         ];
         let isas = Isa::here_saying_skipped();
         for &(n, ci, co, h, w) in &[(1, 3, 20, 37, 29), (3, 2, 16, 22, 8), (2, 3, 17, 5, 5)] {
-            let x =
-                Tensor::from_vec(values(n * ci * h * w, 14), (n, ci, h, w), &Device::Cpu).unwrap();
-            let wv = values(co * ci * 49, 15);
-            let bv = values(co, 16);
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), 7, 14);
             for pool in pools {
                 for &isa in &isas {
                     let conv = Im2colConv::new(&wv, &bv, co, ci, 7, 2, 3).with_isa(isa);
