@@ -881,6 +881,60 @@ fn bench_reports_threads_conv_impl_and_dtype_as_json() {
 }
 
 #[test]
+fn bf16_reports_its_kernel_and_a_cpu_isa_cap_leaves_amx_out() {
+    use diracnet::model::cpu::bf16::Kernel;
+    if Kernel::detect() < Kernel::Avx512 {
+        println!("SKIPPED: bf16 on the CPU (this CPU lacks avx512_bf16)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let bench = |cap: &[&str]| -> serde_json::Value {
+        let args = [
+            cap,
+            &[
+                "bench",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--dtype",
+                "bf16",
+                "--seconds",
+                "0",
+                "--warmup",
+                "0",
+                "--json",
+            ],
+        ]
+        .concat();
+        serde_json::from_str(ok(&diracnet(&args, dir.path())).trim()).unwrap()
+    };
+    // Uncapped: the best kernel here (AMX where the CPU and the OS have it), and on AMX the
+    // direct conv alone.
+    let v = bench(&[]);
+    assert_eq!(v["dtype"], "bf16", "{v}");
+    assert_eq!(v["isa"], Kernel::detect().name(), "{v}");
+    let conv = v["conv_impl"].as_str().unwrap();
+    if Kernel::detect() == Kernel::Amx {
+        assert!(conv.starts_with("fast (direct only"), "{v}");
+    } else {
+        println!("SKIPPED: bf16 on AMX (this CPU lacks amx_bf16)");
+        assert!(conv.starts_with("fast (winograd f4x4 + direct"), "{v}");
+    }
+    // `--cpu-isa avx512`: AVX512-BF16, never AMX.
+    let v = bench(&["--cpu-isa", "avx512"]);
+    assert_eq!(v["isa"], "avx512_bf16", "{v}");
+    assert!(
+        v["conv_impl"]
+            .as_str()
+            .unwrap()
+            .starts_with("fast (winograd f4x4 + direct"),
+        "{v}"
+    );
+}
+
+#[test]
 fn impossible_backends_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("models/dn18w16.safetensors");
