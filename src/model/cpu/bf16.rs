@@ -90,7 +90,7 @@ pub enum Kernel {
 impl Kernel {
     /// The best kernel here: AMX where the CPU and the OS have it and `--cpu-isa` is `auto`
     /// (any cap, `avx512` included, leaves it out), else AVX512-BF16 where it runs, else the
-    /// portable one. The AMX kernel is first checked against AVX512-BF16 on a product both
+    /// portable one. The AMX kernel is first checked against the portable one on a product both
     /// compute exactly; should they differ, it is not used, and an error says so.
     pub fn detect() -> Self {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
@@ -148,7 +148,6 @@ fn amx_agrees() -> Result<(), String> {
 /// every panel) equals the portable kernel's, on values on a grid of 1/2048 whose sums stay
 /// under 2^24 grid steps (so that every order of summing is exact), over edges of every kind
 /// for AMX: a partial last step, a last row block moved back, a lone last panel.
-#[allow(clippy::type_complexity)]
 fn agrees_on_an_exact_product(
     product: impl Fn(usize, &[u16], usize, &PackedBf16, &mut [f32], usize),
 ) -> Result<(), String> {
