@@ -2,7 +2,8 @@
 # First run of the bf16 AMX path on a CPU with AMX (issue 13), in one go: the CPU, the AMX tests
 # (the tile kernel, the direct conv reading its tiles from the map, whole-model bf16 parity),
 # per-layer times with AMX and with AVX512-BF16 alone, whole passes against PyTorch bf16 and
-# OpenVINO bf16 (bench/cpu/run.sh), and, where cores have two threads, one thread per core.
+# OpenVINO bf16 (bench/cpu/run.sh), a batch-1 pass layer by layer (`bench --profile`), and, where
+# cores have two threads, one thread per core.
 #
 #   scripts/amx-check.sh [--quick]     # --quick: DiracNet-18 only, 1 round of 4 s per point
 # Environment: OUT (default amx-check-out) gets every log and the benchmark's table.
@@ -38,6 +39,12 @@ for isa in auto avx512; do
   extra=(); [[ $isa == auto ]] || extra=(--cpu-isa "$isa")
   cargo run --release --example conv -- --batches "$batches" --seconds "$seconds" ${extra[@]+"${extra[@]}"} \
     2>/dev/null | tee "$out/conv-$isa.txt"
+done
+
+echo "== where a batch-1 bf16 pass goes, with AMX (auto) and AVX512-BF16 alone" >&2
+for isa in auto avx512; do
+  target/release/diracnet --cpu-isa "$isa" bench -m random:18 --dtype bf16 --batch 1 --seconds 4 \
+    --profile 2>/dev/null | tee "$out/profile-$isa.txt"
 done
 
 echo "== whole passes against PyTorch bf16 and OpenVINO bf16" >&2

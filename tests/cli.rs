@@ -935,6 +935,78 @@ fn bf16_reports_its_kernel_and_a_cpu_isa_cap_leaves_amx_out() {
 }
 
 #[test]
+fn bench_profile_times_every_layer_of_a_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("models/dn18w16.safetensors");
+    let args = |format: &str| {
+        let mut a = vec![
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--seconds",
+            "0",
+            "--warmup",
+            "1",
+            "--profile",
+        ];
+        if format == "json" {
+            a.push("--json");
+        }
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let args_json = args("json");
+    let out = ok(&diracnet(
+        &args_json.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let ops = v["profile"].as_array().unwrap();
+    let names: Vec<&str> = ops.iter().map(|op| op["op"].as_str().unwrap()).collect();
+    // DiracNet-18: the stem, 16 convs of 7 shapes (the first group's all alike; each other
+    // group's first conv widens), 3 pools, the head; in the order they ran.
+    assert!(
+        names[0].starts_with("stem conv7x7+maxpool [2, 3, 224, 224]"),
+        "{names:?}"
+    );
+    let count = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    assert_eq!(
+        (
+            count("conv3x3"),
+            count("maxpool2"),
+            count("avgpool"),
+            count("fc")
+        ),
+        (7, 3, 1, 1),
+        "{names:?}"
+    );
+    let convs_per_pass: f64 = ops
+        .iter()
+        .filter(|op| op["op"].as_str().unwrap().starts_with("conv3x3"))
+        .map(|op| op["calls_per_pass"].as_f64().unwrap())
+        .sum();
+    assert_eq!(convs_per_pass, 16.0, "{v}");
+    let shares: f64 = ops.iter().map(|op| op["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{shares}");
+    assert!(ops
+        .iter()
+        .all(|op| op["ms_per_pass"].as_f64().unwrap() > 0.0));
+    // The text form: a table row per op.
+    let args_text = args("text");
+    let out = ok(&diracnet(
+        &args_text.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir.path(),
+    ));
+    assert!(
+        out.contains("ms/pass") && out.contains("stem conv7x7+maxpool"),
+        "{out}"
+    );
+}
+
+#[test]
 fn impossible_backends_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("models/dn18w16.safetensors");

@@ -10,7 +10,7 @@ use diracnet::{
     classifier::Classifier,
     device,
     memory::peak_rss_mib,
-    model::{Architecture, DiracNet},
+    model::{profile, Architecture, DiracNet},
     registry::{ModelSpec, Registry},
     tensor::{INPUT_CHANNELS, INPUT_SIZE},
 };
@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// Also time each layer of the timed passes: milliseconds and share of a pass per op (the
+    /// CPU only: a GPU runs its kernels asynchronously).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Times forward passes of `--batch` random images; prints the median img/s.
@@ -62,6 +66,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
                 .model
         }
     };
+    if args.profile && !device.is_cpu() {
+        bail!("--profile times the CPU's layers; a GPU runs its kernels asynchronously");
+    }
     let b = args.batch as usize;
     let x = Tensor::randn(
         0f32,
@@ -73,15 +80,37 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         model.forward(&x)?.to_device(&Device::Cpu)?;
     }
     let mut rates = Vec::new();
+    if args.profile {
+        profile::start();
+    }
     let started = Instant::now();
     while rates.len() < 5 || started.elapsed().as_secs_f64() < args.seconds {
         let t = Instant::now();
         model.forward(&x)?.to_device(&Device::Cpu)?;
         rates.push(b as f64 / t.elapsed().as_secs_f64());
     }
+    let ops = if args.profile {
+        profile::stop()
+    } else {
+        Vec::new()
+    };
+    let passes = rates.len() as f64;
     rates.sort_by(f64::total_cmp);
     let median = rates[rates.len() / 2];
-    let report = serde_json::json!({
+    let per_pass: f64 = ops.iter().map(|op| op.total.as_secs_f64()).sum::<f64>() / passes;
+    let profile: Vec<_> = ops
+        .iter()
+        .map(|op| {
+            let ms = op.total.as_secs_f64() * 1e3 / passes;
+            serde_json::json!({
+                "op": op.name,
+                "calls_per_pass": op.calls as f64 / passes,
+                "ms_per_pass": ms,
+                "share": ms / (per_pass * 1e3),
+            })
+        })
+        .collect();
+    let mut report = serde_json::json!({
         "model": name,
         "batch": b,
         "threads": rayon::current_num_threads(),
@@ -95,6 +124,9 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         "iterations": rates.len(),
         "peak_rss_mib": peak_rss_mib(),
     });
+    if args.profile {
+        report["profile"] = profile.clone().into();
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -106,6 +138,23 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
             rates.len(),
             report["peak_rss_mib"]
         );
+        if args.profile {
+            println!("{:>9} {:>6} {:>6}  op", "ms/pass", "share", "calls");
+            for op in &profile {
+                println!(
+                    "{:>9.3} {:>5.1}% {:>6}  {}",
+                    op["ms_per_pass"].as_f64().unwrap_or(0.0),
+                    100.0 * op["share"].as_f64().unwrap_or(0.0),
+                    op["calls_per_pass"],
+                    op["op"].as_str().unwrap_or_default()
+                );
+            }
+            println!(
+                "{:>9.3} ms per pass in these ops (means; a pass's median: {:.3} ms)",
+                per_pass * 1e3,
+                1e3 * b as f64 / median
+            );
+        }
     }
     Ok(())
 }

@@ -16,7 +16,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use super::{cpu, Backend, ConvImpl};
+use super::{cpu, profile, Backend, ConvImpl};
 
 /// The weights of a conv at `vb` (`weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`) as f32
 /// host values, for the fast ops to pack.
@@ -73,6 +73,13 @@ impl Stem {
 
     /// `[N, 3, 224, 224]` → `[N, width, 56, 56]` (candle) or `[N, 56, 56, width]` (fast).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        profile::time(
+            || format!("stem conv7x7+maxpool {:?}", x.dims()),
+            || self.run(x),
+        )
+    }
+
+    fn run(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             // candle's pool has no padding. ReLU-then-zero-pad gives exactly
             // relu(maxpool_{-inf pad}(x)), which is what the next block reads.
@@ -118,10 +125,17 @@ impl Block {
 
     /// Same spatial size in, same out.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
+        let name = || {
+            let algorithms = match self {
+                Self::Candle(_) => "candle",
+                Self::Fast(conv) => conv.algorithms(),
+            };
+            format!("conv3x3 {:?} {algorithms}", x.dims())
+        };
+        profile::time(name, || match self {
             Self::Candle(conv) => conv.forward(&x.relu()?),
             Self::Fast(conv) => x.apply_op1_no_bwd(conv.as_ref()),
-        }
+        })
     }
 }
 
@@ -168,15 +182,23 @@ impl Group {
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        match (self.pool, self.conv.is_fast()) {
-            (false, _) => Ok(x),
-            (true, true) => x.apply_op1_no_bwd(&cpu::MaxPool {
-                kernel: 2,
-                stride: 2,
-                pad: 0,
-            }),
-            (true, false) => x.max_pool2d(2),
+        if !self.pool {
+            return Ok(x);
         }
+        profile::time(
+            || format!("maxpool2 {:?}", x.dims()),
+            || {
+                if self.conv.is_fast() {
+                    x.apply_op1_no_bwd(&cpu::MaxPool {
+                        kernel: 2,
+                        stride: 2,
+                        pad: 0,
+                    })
+                } else {
+                    x.max_pool2d(2)
+                }
+            },
+        )
     }
 }
 
@@ -199,16 +221,24 @@ impl Head {
     /// The embedding: `[N, channels]`, the last ReLU's output averaged over the map (the
     /// classifier's input).
     pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
-        if self.conv.is_fast() {
-            // NHWC, already ReLU'd by the last conv.
-            x.mean((1, 2))
-        } else {
-            x.relu()?.mean((2, 3))
-        }
+        profile::time(
+            || format!("avgpool {:?}", x.dims()),
+            || {
+                if self.conv.is_fast() {
+                    // NHWC, already ReLU'd by the last conv.
+                    x.contiguous()?.apply_op1_no_bwd(&cpu::GlobalAvgPool)
+                } else {
+                    x.relu()?.mean((2, 3))
+                }
+            },
+        )
     }
 
     /// `[N, classes]` logits of pooled features.
     pub fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
-        self.fc.forward(pooled)
+        profile::time(
+            || format!("fc {:?}", pooled.dims()),
+            || self.fc.forward(pooled),
+        )
     }
 }

@@ -18,6 +18,7 @@
 //!   time) or tensors.
 //! * [`cpu`] — the fast CPU path's kernels as candle custom ops (GEMM, Winograd, pooling). A new
 //!   SIMD kernel goes there, next to its portable twin.
+//! * [`profile`] — where a pass's time goes, layer by layer (`diracnet bench --profile`).
 
 pub mod architecture;
 pub mod backend;
@@ -25,6 +26,7 @@ pub mod cpu;
 pub mod file;
 pub mod layers;
 pub mod net;
+pub mod profile;
 pub mod random;
 
 pub use architecture::{Architecture, ArchitectureError};

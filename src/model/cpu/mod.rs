@@ -1185,6 +1185,50 @@ impl CustomOp1 for MaxPool {
     }
 }
 
+/// The average over the whole map of an NHWC input, `[N, H, W, C]` → `[N, C]`: the head's
+/// pooling. Sums each channel over the pixels in order, in f32, then divides by their count
+/// (candle's `mean` over the two spatial dims of NHWC took 0.15 ms at batch 1 on a 7×7 × 512
+/// map, a thirtieth of a bf16 DiracNet-18 pass; this takes a few µs). Images in parallel.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalAvgPool;
+
+impl CustomOp1 for GlobalAvgPool {
+    fn name(&self) -> &'static str {
+        "global-avg-pool-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, [n, h, w, c]) = input4(self.name(), storage, layout)?;
+        let pixels = h * w;
+        if pixels == 0 {
+            bail!("{}: empty map {:?}", self.name(), [n, h, w, c]);
+        }
+        let mut out = vec![0f32; n * c];
+        let image = |(img, dst): (usize, &mut [f32])| {
+            for px in x[img * pixels * c..][..pixels * c].chunks_exact(c) {
+                for (d, &v) in dst.iter_mut().zip(px) {
+                    *d += v;
+                }
+            }
+            for d in dst.iter_mut() {
+                *d /= pixels as f32;
+            }
+        };
+        if c > 0 {
+            if n > 1 {
+                out.par_chunks_mut(c).enumerate().for_each(image);
+            } else {
+                out.chunks_mut(c).enumerate().for_each(image);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1411,6 +1455,25 @@ mod tests {
         assert!(!op.tiles_fit(1, 13) && op.tiles_fit(1, 14));
         let op = DirectConvBf16::new(&[0.0; 48 * 9], &[0.0], 1, 48);
         assert!(!op.tiles_fit(7, 7));
+    }
+
+    #[test]
+    fn global_avg_pool_is_the_mean_over_the_map() {
+        // One image and several (run in parallel), odd channel counts, a one-pixel map.
+        for &(n, h, w, c) in &[(1, 7, 7, 5), (3, 2, 3, 17), (2, 1, 1, 4)] {
+            let x =
+                Tensor::from_vec(values(n * h * w * c, 31), (n, h, w, c), &Device::Cpu).unwrap();
+            let got: Vec<Vec<f32>> = x
+                .apply_op1_no_bwd(&GlobalAvgPool)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let want: Vec<Vec<f32>> = x.mean((1, 2)).unwrap().to_vec2().unwrap();
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+            assert_eq!(got.len(), n);
+        }
     }
 
     #[test]
