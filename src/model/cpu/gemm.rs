@@ -91,7 +91,7 @@ impl PackedB {
         self.data.len() * std::mem::size_of::<f32>()
     }
 
-    fn panel(&self, j: usize) -> &[f32] {
+    pub(super) fn panel(&self, j: usize) -> &[f32] {
         &self.data[j * self.k * NR..(j + 1) * self.k * NR]
     }
 }

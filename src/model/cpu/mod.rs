@@ -148,6 +148,9 @@ pub struct Im2colConv {
     bias: Vec<f32>,
     isa: Isa,
     pool: Option<MaxPool>,
+    /// With the AVX-512 kernels, read the receptive fields of windows inside the image straight
+    /// from it ([`implicit_row_avx512`]) instead of copying them into rows; off only to compare.
+    implicit: bool,
 }
 
 impl Im2colConv {
@@ -174,7 +177,27 @@ impl Im2colConv {
             bias: padded_bias(bias),
             isa: isa(),
             pool: None,
+            implicit: true,
         }
+    }
+
+    /// Copies every receptive field into rows (for tests).
+    #[cfg(test)]
+    fn with_copies(mut self) -> Self {
+        self.implicit = false;
+        self
+    }
+
+    /// Where each receptive-field value sits in an `[c, h, w]` image relative to its window's
+    /// top-left pixel, in PyTorch's weight order; `None` unless the AVX-512 kernel reads the
+    /// windows inside the image straight from it.
+    fn offsets(&self, h: usize, w: usize) -> Option<Vec<usize>> {
+        let kk = self.kernel;
+        (self.implicit && self.isa == Isa::Avx512).then(|| {
+            (0..self.c_in * kk * kk)
+                .map(|i| (i / (kk * kk)) * h * w + (i / kk % kk) * w + i % kk)
+                .collect()
+        })
     }
 
     /// Max-pools the conv's output in the same pass.
@@ -196,6 +219,89 @@ impl Im2colConv {
     /// Bytes of packed weights.
     pub fn bytes(&self) -> usize {
         self.weights.bytes() + self.bias.len() * 4
+    }
+}
+
+/// Output pixels `0..count` of one row of the stem's conv on AVX-512, without im2col: pixel
+/// `i`'s receptive-field value `q` is `x[first + i·stride + offsets[q]]` (its window lies inside
+/// the image). Runs of 8 pixels × 2 panels in 16 ZMM accumulators, one broadcast per pixel and
+/// value, the products summed in the im2col GEMM's AVX-512 order (the same sums); bias and
+/// ReLU, into `dst` (`count` rows of `c_out`).
+///
+/// # Safety
+/// The CPU must support AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn implicit_row_avx512(
+    x: &[f32],
+    offsets: &[usize],
+    first: usize,
+    stride: usize,
+    count: usize,
+    weights: &PackedB,
+    bias: &[f32],
+    dst: &mut [f32],
+    c_out: usize,
+) {
+    use std::arch::x86_64::*;
+    const ROWS: usize = 8;
+    let (Some(&last), true) = (offsets.last(), count > 0) else {
+        return;
+    };
+    assert!(
+        first + (count - 1) * stride + last < x.len(),
+        "stem: window outside"
+    );
+    assert!(offsets.len() == weights.k() && dst.len() >= count * c_out);
+    assert!(bias.len() >= weights.panels() * NR);
+    let panels = weights.panels();
+    let mut tmp = [0f32; ROWS * 2 * NR];
+    for i0 in (0..count).step_by(ROWS) {
+        let rows = ROWS.min(count - i0);
+        let mut j = 0;
+        while j < panels {
+            let np = 2.min(panels - j);
+            let b = [
+                weights.panel(j).as_ptr(),
+                weights.panel(j + np - 1).as_ptr(),
+            ];
+            let start = first + i0 * stride;
+            // SAFETY: every read is `x[start + r·stride + offsets[q]]` with r < rows, at most
+            // `first + (count − 1)·stride + last`, in bounds (asserted); the panels hold
+            // `offsets.len()` rows of NR.
+            let acc = unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+                for (q, &off) in offsets.iter().enumerate() {
+                    let b0 = _mm512_loadu_ps(b[0].add(q * NR));
+                    let b1 = _mm512_loadu_ps(b[1].add(q * NR));
+                    let a = x.as_ptr().add(start + off);
+                    for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+                        let av = _mm512_set1_ps(*a.add(r * stride));
+                        acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+                        if np == 2 {
+                            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+                        }
+                    }
+                }
+                acc
+            };
+            let cols = (c_out - j * NR).min(np * NR);
+            for (r, acc_r) in acc.iter().enumerate().take(rows) {
+                for (q, &sum) in acc_r.iter().enumerate().take(np) {
+                    // SAFETY: `bias` covers every panel (asserted); `tmp` holds 2·NR per row.
+                    unsafe {
+                        let y =
+                            _mm512_add_ps(sum, _mm512_loadu_ps(bias.as_ptr().add((j + q) * NR)));
+                        let y = _mm512_max_ps(y, _mm512_setzero_ps());
+                        _mm512_storeu_ps(tmp.as_mut_ptr().add(r * 2 * NR + q * NR), y);
+                    }
+                }
+                dst[(i0 + r) * c_out + j * NR..][..cols]
+                    .copy_from_slice(&tmp[r * 2 * NR..][..cols]);
+            }
+            j += np;
+        }
     }
 }
 
@@ -222,6 +328,7 @@ impl CustomOp1 for Im2colConv {
             return self.pooled(x, [n, c, h, w], [oh, ow], pool);
         }
         let k = self.weights.k();
+        let offsets = self.offsets(h, w);
         let mut out = vec![0f32; n * oh * ow * self.c_out];
         // One output row per work item: `ow` im2col rows, then one GEMM with bias and ReLU.
         out.par_chunks_mut(ow * self.c_out)
@@ -229,15 +336,19 @@ impl CustomOp1 for Im2colConv {
             .for_each(|(row, dst)| {
                 let (img, oy) = (row / oh, row % oh);
                 let image = &x[img * c * h * w..][..c * h * w];
-                with_scratch(ow * k, |a| self.conv_row(image, h, w, oy, ow, a, dst));
+                let offsets = offsets.as_deref();
+                with_scratch(ow * k, |a| {
+                    self.conv_row(image, h, w, oy, ow, offsets, a, dst)
+                });
             });
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, self.c_out))))
     }
 }
 
 impl Im2colConv {
-    /// Conv output row `oy` of image `x` (`[c, h, w]`): `ow` im2col rows into `a`, then one GEMM
-    /// with bias and ReLU into `dst` (`ow × c_out`).
+    /// Conv output row `oy` of image `x` (`[c, h, w]`), with bias and ReLU, into `dst` (`ow ×
+    /// c_out`): im2col rows into `a`, then one GEMM; with `offsets` ([`Self::offsets`]: AVX-512
+    /// only), the windows that lie inside the image read straight from it instead.
     #[allow(clippy::too_many_arguments)]
     fn conv_row(
         &self,
@@ -246,18 +357,70 @@ impl Im2colConv {
         w: usize,
         oy: usize,
         ow: usize,
+        offsets: Option<&[usize]>,
         a: &mut [f32],
         dst: &mut [f32],
     ) {
-        self.im2col_row(x, h, w, oy, ow, a);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(offsets) = offsets {
+            let (kk, s, p) = (self.kernel, self.stride, self.pad);
+            // Output columns whose windows lie inside the image, on a row whose windows do.
+            let inside = (oy * s >= p && oy * s - p + kk <= h)
+                .then(|| p.div_ceil(s)..((w + p).saturating_sub(kk) / s + 1).min(ow))
+                .filter(|cols| cols.start < cols.end);
+            if let Some(cols) = inside {
+                let first = (oy * s - p) * w + cols.start * s - p;
+                // SAFETY: `offsets` exist only for `Isa::Avx512`, which runs here.
+                unsafe {
+                    implicit_row_avx512(
+                        x,
+                        offsets,
+                        first,
+                        s,
+                        cols.len(),
+                        &self.weights,
+                        &self.bias,
+                        &mut dst[cols.start * self.c_out..],
+                        self.c_out,
+                    )
+                };
+                for edge in [0..cols.start, cols.end..ow] {
+                    self.copied_rows(x, h, w, oy, edge, a, dst);
+                }
+                return;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = offsets;
+        self.copied_rows(x, h, w, oy, 0..ow, a, dst);
+    }
+
+    /// Output columns `cols` of conv row `oy` as im2col rows into `a`, then one GEMM, into their
+    /// rows of `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn copied_rows(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        oy: usize,
+        cols: Range<usize>,
+        a: &mut [f32],
+        dst: &mut [f32],
+    ) {
+        if cols.is_empty() {
+            return;
+        }
+        let k = self.weights.k();
+        self.im2col_row(x, h, w, oy, cols.clone(), a);
         gemm::gemm(
             self.isa,
-            ow,
+            cols.len(),
             a,
-            self.weights.k(),
+            k,
             &self.weights,
             0..self.weights.panels(),
-            dst,
+            &mut dst[cols.start * self.c_out..],
             self.c_out,
             self.c_out,
             Epilogue {
@@ -279,6 +442,7 @@ impl Im2colConv {
             bail!("{}: bad pooling window for a {oh}×{ow} map", self.name());
         };
         let (k, co) = (self.weights.k(), self.c_out);
+        let offsets = self.offsets(h, w);
         // At least four bands per thread, at most 8 pooled rows each.
         let band = (n * ph)
             .div_ceil(4 * rayon::current_num_threads())
@@ -305,7 +469,7 @@ impl Im2colConv {
                 with_scratch((hi - lo) * ow * co + ow * k, |scratch| {
                     let (rows, a) = scratch.split_at_mut((hi - lo) * ow * co);
                     for (oy, row) in (lo..hi).zip(rows.chunks_exact_mut(ow * co)) {
-                        self.conv_row(image, h, w, oy, ow, a, row);
+                        self.conv_row(image, h, w, oy, ow, offsets.as_deref(), a, row);
                     }
                     for (py, d) in (py0..py1).zip(dst.chunks_exact_mut(pw * co)) {
                         // Window rows relative to `lo`: those before it lie outside the map.
@@ -317,12 +481,21 @@ impl Im2colConv {
         Ok((CpuStorage::F32(out), Shape::from((n, ph, pw, co))))
     }
 
-    /// The im2col rows of output row `oy` of one image `x` `[c, h, w]`: row `ox` holds the
-    /// receptive field in PyTorch's weight order (channel, ky, kx), zeros outside the image.
-    fn im2col_row(&self, x: &[f32], h: usize, w: usize, oy: usize, ow: usize, a: &mut [f32]) {
+    /// The im2col rows of output row `oy`, columns `cols`, of one image `x` `[c, h, w]`: row
+    /// `ox − cols.start` holds the receptive field in PyTorch's weight order (channel, ky, kx),
+    /// zeros outside the image.
+    fn im2col_row(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        oy: usize,
+        cols: Range<usize>,
+        a: &mut [f32],
+    ) {
         let (kk, s, p) = (self.kernel, self.stride, self.pad);
         let k = self.c_in * kk * kk;
-        for (ox, row) in a.chunks_exact_mut(k).take(ow).enumerate() {
+        for (ox, row) in cols.zip(a.chunks_exact_mut(k)) {
             for ci in 0..self.c_in {
                 let plane = &x[ci * h * w..][..h * w];
                 for ky in 0..kk {
@@ -1577,6 +1750,36 @@ mod tests {
                 let err = max_rel_err(&got, &want);
                 assert!(err < 1e-6, "{isa:?}: rel err {err}");
             }
+        }
+    }
+
+    #[test]
+    fn the_stem_reading_windows_from_the_image_equals_its_im2col_to_the_bit() {
+        let isas = Isa::here_saying_skipped();
+        if !isas.contains(&Isa::Avx512) {
+            println!("SKIPPED: the stem's AVX-512 kernel without im2col (this CPU lacks AVX-512F)");
+            return;
+        }
+        // The stem's 7×7/2 pad 3, and other geometries: rows and columns whose windows cross
+        // the border (copied) around those inside (read in place), runs of 8 pixels and fewer,
+        // one and two panels, a partial panel, maps too small for any window inside.
+        for &(n, ci, co, h, w, k, s, p) in &[
+            (2, 3, 20, 15, 11, 7, 2, 3),
+            (1, 3, 64, 40, 37, 7, 2, 3),
+            (1, 2, 16, 6, 6, 3, 1, 1),
+            (2, 3, 40, 9, 30, 5, 1, 0),
+            (1, 3, 17, 4, 4, 7, 2, 3),
+        ] {
+            let (x, wv, bv) = conv_case((n, ci, co, h, w), k, 24);
+            let op = Im2colConv::new(&wv, &bv, co, ci, k, s, p).with_isa(Isa::Avx512);
+            let got = x.apply_op1_no_bwd(&op).unwrap();
+            let want = x.apply_op1_no_bwd(&op.clone().with_copies()).unwrap();
+            let (got, want) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            // The same products in the same order.
+            assert!(got == want, "{n}x{ci}->{co} {h}x{w} k{k} s{s} p{p}");
         }
     }
 
