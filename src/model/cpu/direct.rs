@@ -209,7 +209,7 @@ impl CustomOp1 for DirectConv {
 /// [`DirectConv`] in bf16: the input map rounded to bf16 once, its receptive fields copied from
 /// that, weights packed in bf16 pairs, products summed in f32 ([`bf16::gemm_bf16`]); bias, ReLU
 /// and the output in f32. On AMX, no receptive fields are copied: the tiles load straight from
-/// the map ([`Self::forward_tiles`]).
+/// the map (`DirectConvBf16::forward_tiles`).
 #[derive(Debug, Clone)]
 pub struct DirectConvBf16 {
     c_in: usize,

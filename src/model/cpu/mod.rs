@@ -132,7 +132,7 @@ fn padded_bias(bias: &[f32]) -> Vec<f32> {
 
 /// A convolution as im2col + GEMM, NCHW in, NHWC out, with bias and ReLU, and optionally the
 /// max-pool after it: the 7×7/2 stem and its 3/2 pool. With the AVX-512 kernels, the windows
-/// that lie inside the image are read from it in place ([`implicit_row_avx512`]: the same sums,
+/// that lie inside the image are read from it in place (`implicit_row_avx512`: the same sums,
 /// no copy); only those that cross its border are copied into rows.
 ///
 /// Pooled in the same pass, the conv's output never exists whole: each work item computes the
