@@ -14,7 +14,7 @@
 //! * [`backend`] — device, convolution implementation (`--conv-impl`) and dtype (`--dtype`).
 //! * [`layers`] — [`Stem`](layers::Stem), [`Block`](layers::Block), [`Group`](layers::Group),
 //!   [`Head`](layers::Head): one struct per layer with `load` and `forward`.
-//! * [`net`] — [`DiracNet`]: the chain, from a safetensors file ([`file`]: read one tensor at a
+//! * [`net`] — [`DiracNet`]: the chain, from a safetensors file ([`file`](mod@file): read one tensor at a
 //!   time) or tensors.
 //! * [`cpu`] — the fast CPU path's kernels as candle custom ops (GEMM, Winograd, pooling). A new
 //!   SIMD kernel goes there, next to its portable twin.

@@ -22,7 +22,7 @@
 //! listen backlog (`--listen-backlog`), room is made:
 //!
 //! * a connection idle for [`EVICT_IDLE_AFTER`] or more (or that long in its head) is closed
-//!   at once ([`OpenConnections::make_room`]): a keep-alive client, a browser or a load
+//!   at once (`OpenConnections::make_room`): a keep-alive client, a browser or a load
 //!   balancer reopens it when it needs it;
 //! * and connections rotate: one answer every [`ROTATE_EVERY`] carries `Connection: close`,
 //!   and its connection closes once the answer is written. That client loses nothing, never
