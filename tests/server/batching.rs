@@ -8,7 +8,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::json;
 
 use crate::support::{
-    config, eventually, image, json_of, medium_model, metric, metric_at, TestServer,
+    config, eventually, image, json_of, medium_model, metric, metric_at, post_for_json, TestServer,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,13 +27,11 @@ async fn concurrent_requests_are_batched_and_each_answer_is_right() {
     // Each image alone first: the reference answers.
     let mut single = Vec::new();
     for f in files {
-        let (st, _, v) = json_of(
-            c.post(s.url("/classify?top_k=5"))
-                .header("content-type", "application/octet-stream")
-                .body(image(f))
-                .send()
-                .await
-                .unwrap(),
+        let (st, _, v) = post_for_json(
+            &c,
+            s.url("/classify?top_k=5"),
+            "application/octet-stream",
+            image(f),
         )
         .await;
         assert_eq!(st, StatusCode::OK);

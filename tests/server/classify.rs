@@ -4,7 +4,7 @@ use base64::Engine;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
-use crate::support::{config, dn18, image, json_of, multipart, top, TestServer};
+use crate::support::{config, dn18, image, json_of, multipart, post_for_json, top, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_input_mode_gives_the_same_answer() {
@@ -15,15 +15,8 @@ async fn every_input_mode_gives_the_same_answer() {
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
 
     // Raw body, POST and PUT (curl -T), image/* and octet-stream.
-    let (st, h, raw) = json_of(
-        c.post(s.url("/classify?top_k=3"))
-            .header("content-type", "image/jpeg")
-            .body(jpg.clone())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, h, raw) =
+        post_for_json(&c, s.url("/classify?top_k=3"), "image/jpeg", jpg.clone()).await;
     assert_eq!(st, StatusCode::OK, "{raw}");
     assert_eq!(raw["model"], "dn18w16_v03");
     assert_eq!(raw["predictions"].as_array().unwrap().len(), 3);
@@ -61,15 +54,7 @@ async fn every_input_mode_gives_the_same_answer() {
 
     // Multipart: one file → single form; two files → results in order.
     let (ct, body) = multipart(&[("file", Some("cat.jpg"), &jpg)]);
-    let (st, _, v) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, _, v) = post_for_json(&c, s.url("/classify"), &ct, body).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(top(&v), top(&raw));
     let (ct, body) = multipart(&[
@@ -77,15 +62,7 @@ async fn every_input_mode_gives_the_same_answer() {
         ("b", Some("grey.png"), &png),
         ("top_k", None, b"2"),
     ]);
-    let (st, _, multi) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, _, multi) = post_for_json(&c, s.url("/classify"), &ct, body).await;
     assert_eq!(st, StatusCode::OK, "{multi}");
     let results = multi["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
@@ -93,15 +70,7 @@ async fn every_input_mode_gives_the_same_answer() {
     assert_eq!(top(&results[0]), top(&raw));
     // A text part of another name is an error, not an image that fails to decode.
     let (ct, body) = multipart(&[("file", Some("cat.jpg"), &jpg), ("topk", None, b"2")]);
-    let (st, _, v) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, _, v) = post_for_json(&c, s.url("/classify"), &ct, body).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert!(
         v["error"]
@@ -112,13 +81,11 @@ async fn every_input_mode_gives_the_same_answer() {
     );
 
     // JSON: image and images (with a data URL), model and top_k in the body.
-    let (st, _, v) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", "application/json")
-            .body(json!({"image": b64(&jpg), "top_k": 1, "model": "dn18w16_v03"}).to_string())
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, v) = post_for_json(
+        &c,
+        s.url("/classify"),
+        "application/json",
+        json!({"image": b64(&jpg), "top_k": 1, "model": "dn18w16_v03"}).to_string(),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -335,13 +302,11 @@ async fn embeddings_are_what_the_classifier_reads() {
             .collect()
     };
 
-    let (st, _, one) = json_of(
-        c.post(s.url("/classify?embedding=true&top_k=1000"))
-            .header("content-type", "image/jpeg")
-            .body(jpg.clone())
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, one) = post_for_json(
+        &c,
+        s.url("/classify?embedding=true&top_k=1000"),
+        "image/jpeg",
+        jpg.clone(),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{one}");
@@ -393,24 +358,14 @@ async fn embeddings_are_what_the_classifier_reads() {
     assert!((p0 - got).abs() < 1e-5, "{p0} vs {got}");
 
     // Without the option: no embedding. With JSON and several images: one per result.
-    let (_, _, plain) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", "image/jpeg")
-            .body(jpg.clone())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, _, plain) = post_for_json(&c, s.url("/classify"), "image/jpeg", jpg.clone()).await;
     assert!(plain.get("embedding").is_none(), "{plain}");
     let b64 = base64::engine::general_purpose::STANDARD.encode(&jpg);
-    let (st, _, many) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", "application/json")
-            .body(json!({"images": [b64, b64], "embedding": true}).to_string())
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, many) = post_for_json(
+        &c,
+        s.url("/classify"),
+        "application/json",
+        json!({"images": [b64, b64], "embedding": true}).to_string(),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{many}");
@@ -421,15 +376,7 @@ async fn embeddings_are_what_the_classifier_reads() {
         ("file", Some("cat.jpg"), &jpg),
         ("embedding", None, b"true"),
     ]);
-    let (st, _, mp) = json_of(
-        c.post(s.url("/classify"))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, _, mp) = post_for_json(&c, s.url("/classify"), &ct, body).await;
     assert_eq!(st, StatusCode::OK, "{mp}");
     assert_eq!(numbers(&mp["embedding"]), embedding);
 

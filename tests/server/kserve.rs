@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::{
     common::fixture,
-    support::{config, dn18, image, json_of, TestServer},
+    support::{config, dn18, image, json_of, post_for_json, TestServer},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,13 +64,11 @@ async fn kserve_v2_matches_pytorch_and_the_classify_route() {
         "inputs": [{"name": "input", "shape": inputs.shape, "datatype": "FP32", "data": inputs.data}],
         "outputs": [{"name": "logits"}, {"name": "logits", "parameters": {"classification": 3}}],
     });
-    let (st, _, v) = json_of(
-        c.post(s.url("/v2/models/dn18w16_v03/infer"))
-            .header("content-type", "application/json")
-            .body(req.to_string())
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, v) = post_for_json(
+        &c,
+        s.url("/v2/models/dn18w16_v03/infer"),
+        "application/json",
+        req.to_string(),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -122,15 +120,7 @@ async fn kserve_v2_matches_pytorch_and_the_classify_route() {
     )
     .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let (_, _, cl) = json_of(
-        c.post(s.url("/classify?top_k=1"))
-            .header("content-type", "image/jpeg")
-            .body(jpg)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, _, cl) = post_for_json(&c, s.url("/classify?top_k=1"), "image/jpeg", jpg).await;
     let s0 = v["outputs"][0]["data"][0].as_str().unwrap();
     let (score, rest) = s0.split_once(':').unwrap();
     assert_eq!(
@@ -183,13 +173,11 @@ fn fp32_body(shape: &[usize], values: usize, value: impl Fn(usize) -> String) ->
 }
 
 async fn infer_raw(c: &Client, s: &TestServer, body: String) -> (StatusCode, serde_json::Value) {
-    let (st, _, v) = json_of(
-        c.post(s.url("/v2/models/dn18w16_v03/infer"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, v) = post_for_json(
+        c,
+        s.url("/v2/models/dn18w16_v03/infer"),
+        "application/json",
+        body,
     )
     .await;
     (st, v)
@@ -454,15 +442,7 @@ async fn kserve_binary_tensors_versions_stats_and_float32_output() {
     let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
     assert_eq!(rest.len(), 4 + len);
     let label = std::str::from_utf8(&rest[4..]).unwrap();
-    let (_, _, cl) = json_of(
-        c.post(s.url("/classify?top_k=1"))
-            .header("content-type", "image/jpeg")
-            .body(jpg)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, _, cl) = post_for_json(&c, s.url("/classify?top_k=1"), "image/jpeg", jpg).await;
     assert_eq!(
         label.split(':').nth(1).unwrap(),
         cl["predictions"][0]["index"].to_string(),

@@ -16,7 +16,9 @@ use tokio::{
 
 use crate::{
     common::bombs,
-    support::{config, image, json_of, medium_model, metric, spawn_serve, TestServer},
+    support::{
+        config, image, json_of, medium_model, metric, post_for_json, spawn_serve, TestServer,
+    },
 };
 
 /// A smooth `width × height` JPEG: cheap to send, as costly to decode as any of its size.
@@ -145,15 +147,8 @@ async fn a_truncated_jpeg_is_refused_not_classified() {
     let c = Client::new();
     let jpg = image("chelsea.jpg");
     for keep in [3000, jpg.len() / 2, jpg.len() - 10] {
-        let (st, _, v) = json_of(
-            c.post(s.url("/classify"))
-                .header("content-type", "image/jpeg")
-                .body(jpg[..keep].to_vec())
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (st, _, v) =
+            post_for_json(&c, s.url("/classify"), "image/jpeg", jpg[..keep].to_vec()).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{keep} bytes: {v}");
         assert_eq!(v["type"], "decode_failed", "{v}");
         assert!(
@@ -531,13 +526,11 @@ async fn memory_bombs_stay_within_the_budget_and_normal_requests_go_on() {
     }
     // Meanwhile a normal request is answered.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (st, _, v) = json_of(
-        c.post(format!("{base}/classify"))
-            .header("content-type", "image/jpeg")
-            .body(image("chelsea.jpg"))
-            .send()
-            .await
-            .unwrap(),
+    let (st, _, v) = post_for_json(
+        &c,
+        format!("{base}/classify"),
+        "image/jpeg",
+        image("chelsea.jpg"),
     )
     .await;
     assert_eq!(st, StatusCode::OK, "a normal request during the bombs: {v}");

@@ -7,8 +7,8 @@ use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    config, dn18, eventually, image, json_of, medium_model, metric_at, multipart, spawn_serve,
-    TestServer,
+    config, dn18, eventually, image, json_of, medium_model, metric_at, multipart, post_for_json,
+    spawn_serve, TestServer,
 };
 
 /// What `promtool check metrics` checks of the text format, enough to catch a broken exposition.
@@ -518,15 +518,8 @@ async fn sigterm_answers_in_flight_requests_then_exits_cleanly() {
         }
     })
     .await;
-    let (st, _, v) = json_of(
-        c.post(format!("{base}/classify"))
-            .header("content-type", "image/jpeg")
-            .body(jpg.to_vec())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, _, v) =
+        post_for_json(&c, format!("{base}/classify"), "image/jpeg", jpg.to_vec()).await;
     assert_eq!(
         (st, v["type"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down"))

@@ -152,6 +152,17 @@ pub async fn json_of(r: reqwest::Response) -> (StatusCode, reqwest::header::Head
     (status, headers, v)
 }
 
+/// POSTs `body` to `url` as `content_type`, and reads the answer as JSON ([`json_of`]).
+pub async fn post_for_json(
+    c: &Client,
+    url: impl reqwest::IntoUrl,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let r = c.post(url).header("content-type", content_type).body(body);
+    json_of(r.send().await.unwrap()).await
+}
+
 pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     let boundary = "diracnet-test-boundary-7MA4YWxk";
     let mut body = Vec::new();
