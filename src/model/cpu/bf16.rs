@@ -148,7 +148,7 @@ fn amx_agrees() -> Result<(), String> {
 /// every panel) equals the portable kernel's, on values on a grid of 1/2048 whose sums stay
 /// under 2^24 grid steps (so that every order of summing is exact), over edges of every kind
 /// for AMX: a partial last step, a last row block moved back, a lone last panel.
-fn agrees_on_an_exact_product(
+pub(super) fn agrees_on_an_exact_product(
     product: impl Fn(usize, &[u16], usize, &PackedBf16, &mut [f32], usize),
 ) -> Result<(), String> {
     let (m, k, n) = (40, 150, 40);

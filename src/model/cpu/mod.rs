@@ -29,6 +29,8 @@
 mod aligned;
 mod amx;
 pub mod bf16;
+#[cfg(all(test, target_arch = "x86_64", target_os = "linux"))]
+mod bochs;
 mod direct;
 pub mod gemm;
 mod winograd;
@@ -1409,7 +1411,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    pub(super) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 (((i as u32 ^ seed).wrapping_mul(2654435761) >> 8) % 2001) as f32 / 1000.0 - 1.0
@@ -1419,7 +1421,7 @@ mod tests {
 
     /// A conv's test case: the input `[n, ci, h, w]`, weights `[co, ci, k, k]` and bias `[co]`,
     /// from [`values`] with seeds `seed`, `seed + 1` and `seed + 2`.
-    fn conv_case(
+    pub(super) fn conv_case(
         (n, ci, co, h, w): (usize, usize, usize, usize, usize),
         k: usize,
         seed: u32,
