@@ -554,6 +554,7 @@ pub(super) const HARD_CASES: [f32; 10] = [
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::AMX_GEMM_SHAPES;
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -610,19 +611,9 @@ mod tests {
     fn bf16_products_match_the_rounded_inputs_in_f64_on_ragged_shapes() {
         let kernels = kernels_here();
         // Odd k (a zero-padded last pair), partial row tiles, one panel alone, partial panels;
-        // for AMX: exactly one tile, whole and partial 32-deep steps, a last row block moved
-        // back over rows already done, a lone last panel, a range of panels not from 0.
-        for &(m, k, n, first_panel) in &[
-            (1, 1, 1, 0),
-            (7, 5, 17, 0),
-            (9, 64, 48, 0),
-            (17, 33, 40, 0),
-            (3, 300, 16, 0),
-            (16, 32, 16, 0),
-            (40, 150, 40, 0),
-            (33, 70, 49, 1),
-            (50, 301, 80, 2),
-        ] {
+        // then AMX's edges.
+        let vectors = [(1, 1, 1, 0), (7, 5, 17, 0), (9, 64, 48, 0), (3, 300, 16, 0)];
+        for (m, k, n, first_panel) in vectors.into_iter().chain(AMX_GEMM_SHAPES) {
             let a = values(m * k, 1);
             let bm = values(k * n, 2);
             let bias = values(n.div_ceil(NR) * NR, 3);

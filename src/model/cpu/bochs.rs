@@ -217,21 +217,13 @@ diracnet_bochs_rom_start:
     movl $0x43584523, %edi
     callq 30f
     movq %rbx, %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq (%rbp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq 8(%rbp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq 16(%rbp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq %cr2, %rax
     callq 31f
     movl $10, %edi
@@ -262,17 +254,11 @@ diracnet_bochs_rom_start:
     movl $0x53595323, %edi
     callq 30f
     movq (%rsp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq 16(%rsp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq 8(%rsp), %rax
-    callq 31f
-    movl $32, %edi
-    callq 33f
+    callq 37f
     movq 24(%rsp), %rax
     callq 31f
     movl $10, %edi
@@ -287,7 +273,7 @@ diracnet_bochs_rom_start:
     jmpq *%rcx
 
     # Printing on port 0xe9: 30, the four bytes of edi and a space; 31, rax in 16 hex digits;
-    # 32, al in 2; 33, the byte in edi; 35, one hex digit.
+    # 32, al in 2; 33, the byte in edi; 35, one hex digit; 37, rax in 16 and a space.
 30:
     movl %edi, %eax
     outb %al, $0xe9
@@ -334,6 +320,12 @@ diracnet_bochs_rom_start:
 33:
     movl %edi, %eax
     outb %al, $0xe9
+    ret
+
+37:
+    callq 31b
+    movl $32, %edi
+    callq 33b
     ret
 
     # The GDT's and the IDT's descriptors; the GDT: null, 32-bit code, data, 64-bit code.
@@ -850,7 +842,7 @@ mod tests {
     use super::super::bf16::{self, Kernel, PackedBf16};
     use super::super::direct::DirectConvBf16;
     use super::super::gemm::Epilogue;
-    use super::super::tests::{conv_case, values};
+    use super::super::tests::{conv_case, values, AMX_CONV_SHAPES, AMX_GEMM_SHAPES};
     use super::*;
 
     /// The emulator, or `None` after saying why the test is skipped.
@@ -858,6 +850,13 @@ mod tests {
         emulator()
             .inspect_err(|why| println!("SKIPPED: {what} on an emulated AMX CPU: {why}"))
             .ok()
+    }
+
+    /// The emulator, in this test's own child process ([`alone`]): `None` after saying why the
+    /// test is skipped, and in the parent once the child ran and passed.
+    fn emulator_alone(what: &str, name: &str) -> Option<PathBuf> {
+        let bochs = emulator_or_skip(what)?;
+        alone(name).then_some(bochs)
     }
 
     #[test]
@@ -921,15 +920,7 @@ mod tests {
             return;
         }
         prepare_thread(32 << 20);
-        // One tile; partial 32-deep steps; last row blocks moved back; a lone last panel;
-        // panels not from 0; partial last panels.
-        for &(m, k, n, first_panel) in &[
-            (16, 32, 16, 0),
-            (17, 33, 40, 0),
-            (40, 150, 40, 0),
-            (33, 70, 49, 1),
-            (50, 301, 80, 2),
-        ] {
+        for &(m, k, n, first_panel) in &AMX_GEMM_SHAPES {
             let a = values(m * k, 1);
             let bm = values(k * n, 2);
             let bias = values(n.div_ceil(16) * 16, 3);
@@ -1018,12 +1009,9 @@ mod tests {
 
     #[test]
     fn the_amx_direct_conv_on_an_emulated_cpu_equals_the_tile_model() {
-        let Some(bochs) = emulator_or_skip("the AMX direct conv") else {
+        let Some(bochs) = emulator_alone("the AMX direct conv", "model::cpu::bochs::tests::the_amx_direct_conv_on_an_emulated_cpu_equals_the_tile_model") else {
             return;
         };
-        if !alone("model::cpu::bochs::tests::the_amx_direct_conv_on_an_emulated_cpu_equals_the_tile_model") {
-            return;
-        }
         prepare_thread(32 << 20);
         // One thread: the conv's rayon calls run inline on it, in the guest too.
         let pool = rayon::ThreadPoolBuilder::new()
@@ -1031,15 +1019,7 @@ mod tests {
             .build()
             .expect("a one-thread pool");
         pool.install(|| {
-            // As the model tests: one tile's grid, a tile and a bit, several images, one and
-            // two steps per tap, channels out not a multiple of 16, a 14-wide map.
-            for &(n, ci, co, h, w) in &[
-                (1, 32, 16, 4, 2),
-                (2, 32, 17, 5, 6),
-                (3, 64, 40, 3, 5),
-                (1, 64, 48, 7, 7),
-                (2, 32, 33, 1, 14),
-            ] {
+            for &(n, ci, co, h, w) in &AMX_CONV_SHAPES {
                 let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 21);
                 let op = DirectConvBf16::new(&wv, &bv, co, ci);
                 let nhwc: Vec<f32> = x
@@ -1076,12 +1056,9 @@ mod tests {
 
     #[test]
     fn on_an_emulated_amx_cpu_detection_finds_amx_and_its_self_check_passes() {
-        let Some(bochs) = emulator_or_skip("AMX detection") else {
+        let Some(bochs) = emulator_alone("AMX detection", "model::cpu::bochs::tests::on_an_emulated_amx_cpu_detection_finds_amx_and_its_self_check_passes") else {
             return;
         };
-        if !alone("model::cpu::bochs::tests::on_an_emulated_amx_cpu_detection_finds_amx_and_its_self_check_passes") {
-            return;
-        }
         prepare_thread(32 << 20);
         // In the guest, the first calls in this process: CPUID, XCR0, the palette, the tile
         // permission from the kernel (the ROM's answer), then the self-check on the tiles.
@@ -1125,12 +1102,9 @@ mod tests {
         use crate::model::backend::{Backend, ConvImpl, Precision};
         use crate::model::net::DiracNet;
         use candle_core::{Device, Tensor};
-        let Some(bochs) = emulator_or_skip("the fixture model in bf16") else {
+        let Some(bochs) = emulator_alone("the fixture model in bf16", "model::cpu::bochs::tests::the_fixture_model_in_bf16_on_an_emulated_amx_cpu_stays_near_f32") else {
             return;
         };
-        if !alone("model::cpu::bochs::tests::the_fixture_model_in_bf16_on_an_emulated_amx_cpu_stays_near_f32") {
-            return;
-        }
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let tensors: std::collections::BTreeMap<String, Tensor> = candle_core::safetensors::load(
             fixtures.join("models/dn18w16.safetensors"),

@@ -1419,6 +1419,29 @@ mod tests {
             .collect()
     }
 
+    /// Layers `(n, c_in, c_out, h, w)` for the AMX direct conv: grids of exactly one tile
+    /// (4 × (2 + 2)) and of a tile and a bit; maps narrower than the grid's padding; several
+    /// images, so that work items span images; 32 and 64 channels in (one and two steps per
+    /// tap); channels out not a multiple of 16 or 32.
+    pub(super) const AMX_CONV_SHAPES: [(usize, usize, usize, usize, usize); 5] = [
+        (1, 32, 16, 4, 2),
+        (2, 32, 17, 5, 6),
+        (3, 64, 40, 3, 5),
+        (1, 64, 48, 7, 7),
+        (2, 32, 33, 1, 14),
+    ];
+
+    /// Products `(m, k, n, first panel)` for the AMX driver: exactly one tile, whole and
+    /// partial 32-deep steps, a last row block moved back over rows already done, a lone last
+    /// panel, a range of panels not from 0, partial last panels.
+    pub(super) const AMX_GEMM_SHAPES: [(usize, usize, usize, usize); 5] = [
+        (16, 32, 16, 0),
+        (17, 33, 40, 0),
+        (40, 150, 40, 0),
+        (33, 70, 49, 1),
+        (50, 301, 80, 2),
+    ];
+
     /// A conv's test case: the input `[n, ci, h, w]`, weights `[co, ci, k, k]` and bias `[co]`,
     /// from [`values`] with seeds `seed`, `seed + 1` and `seed + 2`.
     pub(super) fn conv_case(
@@ -1587,16 +1610,7 @@ mod tests {
         if !amx_here {
             println!("SKIPPED: the AMX direct conv on the CPU (this CPU lacks amx_bf16)");
         }
-        // Grids of exactly one tile (4 × (2 + 2)) and of a tile and a bit; maps narrower than
-        // the grid's padding; several images, so that work items span images; 32 and 64
-        // channels in (one and two steps per tap); channels out not a multiple of 16 or 32.
-        for &(n, ci, co, h, w) in &[
-            (1, 32, 16, 4, 2),
-            (2, 32, 17, 5, 6),
-            (3, 64, 40, 3, 5),
-            (1, 64, 48, 7, 7),
-            (2, 32, 33, 1, 14),
-        ] {
+        for &(n, ci, co, h, w) in &AMX_CONV_SHAPES {
             let (x, wv, bv) = conv_case((n, ci, co, h, w), 3, 21);
             let op = DirectConvBf16::new(&wv, &bv, co, ci);
             assert!(op.tiles_fit(h, w), "{h}x{w}");
