@@ -653,7 +653,9 @@ pub(super) fn run_for(
         let readable = (start..end).step_by(chunk.len()).all(|from| {
             let len = chunk.len().min((end - from) as usize);
             let ok = mem.read_exact_at(&mut chunk[..len], from).is_ok();
-            ok && ram.write_all_at(&chunk[..len], at + (from - start)).is_ok()
+            // Zeros left as a hole in the file (a free reserve is mostly zeros).
+            let zeros = chunk[..len].iter().all(|&b| b == 0);
+            ok && (zeros || ram.write_all_at(&chunk[..len], at + (from - start)).is_ok())
         });
         // An unreadable mapping after all (a guard, a device's): left unmapped, zeros here.
         if readable {
@@ -818,8 +820,17 @@ pub(super) fn alone(name: &str) -> bool {
     }
     let exe = std::env::current_exe().expect("this test binary");
     let out = Command::new(exe)
-        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .args([
+            name,
+            "--exact",
+            "--include-ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CHILD, name)
+        // One arena, the main one: its heap grows without bound (a thread's is capped at 64
+        // MiB), so one reserve serves the guest's allocations from any thread.
+        .env("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
         .output()
         .expect("running the test in a child process");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1203,5 +1214,138 @@ mod tests {
         }
         assert!(worst <= 0.015 * max_logit, "{worst} against {max_logit}");
         assert!(worst > 0.0, "bf16 changed nothing: not the bf16 path?");
+    }
+
+    /// DiracNet-18 and -34 at full width, random weights (as `bench --model random:N`), one
+    /// fixture crop, in bf16 on the emulated AMX CPU against f32 here: the accuracy of what a
+    /// Xeon with AMX runs at full size (every 3×3 conv direct on the tiles). About a gigabyte
+    /// of memory and a minute; run by hand: `cargo test --release -- --ignored full_width`.
+    #[test]
+    #[ignore = "a gigabyte and a minute in the emulator; run by hand"]
+    fn full_width_models_in_bf16_on_an_emulated_amx_cpu_stay_near_f32() {
+        use crate::model::backend::{Backend, ConvImpl, Precision};
+        use crate::model::net::DiracNet;
+        use crate::model::Architecture;
+        use candle_core::{Device, Tensor};
+        let Some(bochs) = emulator_alone(
+            "full-width models in bf16",
+            "model::cpu::bochs::tests::full_width_models_in_bf16_on_an_emulated_amx_cpu_stay_near_f32",
+        ) else {
+            return;
+        };
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let inputs = crate::npy::read_f32(&fixtures.join("reference/inputs.npy")).expect("inputs");
+        let per_image: usize = inputs.shape[1..].iter().product();
+        let x = Tensor::from_vec(
+            inputs.data[..per_image].to_vec(),
+            (1, 3, 224, 224),
+            &Device::Cpu,
+        )
+        .expect("the input");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a one-thread pool");
+        let mut measured = Vec::new();
+        for depth in [18, 34] {
+            let arch = Architecture::imagenet(depth, 1000).expect("an ImageNet DiracNet");
+            let tensors: std::collections::BTreeMap<String, Tensor> = arch
+                .random_weights(42)
+                .into_iter()
+                .map(|(k, t)| {
+                    (
+                        k,
+                        Tensor::from_vec(t.data, t.shape, &Device::Cpu).expect("a tensor"),
+                    )
+                })
+                .collect();
+            let f32s = {
+                let backend =
+                    Backend::new(Device::Cpu, ConvImpl::Fast, Precision::F32).expect("f32");
+                let net = DiracNet::from_tensors(&tensors, &backend).expect("the f32 net");
+                net.forward(&x)
+                    .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
+                    .expect("f32 logits")
+            };
+            let got = vec![f32::NAN; f32s.len()];
+            let out = got.as_ptr() as usize;
+            let started = std::time::Instant::now();
+            let outcome = pool
+                .install(|| {
+                    prepare_thread(768 << 20);
+                    let mut guest = || {
+                        let kernel = Kernel::detect();
+                        let backend = Backend::new(Device::Cpu, ConvImpl::Fast, Precision::Bf16)
+                            .expect("bf16");
+                        let net = DiracNet::from_tensors(&tensors, &backend).expect("the bf16 net");
+                        let logits = net
+                            .forward(&x)
+                            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
+                            .expect("bf16 logits");
+                        // SAFETY: `got` outlives the run; nothing else touches it.
+                        unsafe { std::slice::from_raw_parts_mut(out as *mut f32, logits.len()) }
+                            .copy_from_slice(&logits);
+                        kernel as u64 | u64::from(bf16::avx512_bf16()) << 8
+                    };
+                    run_for(
+                        &bochs,
+                        &mut guest,
+                        &[as_bytes(&got)],
+                        std::time::Duration::from_secs(900),
+                    )
+                })
+                .unwrap_or_else(|e| panic!("DN{depth}: {e}"));
+            assert_ne!(outcome.returned, u64::MAX, "DN{depth}: the guest panicked");
+            if outcome.returned >> 8 != 1 {
+                println!("SKIPPED: the model on AMX (this CPU lacks avx512_bf16, and the guest reads its feature cache)");
+                return;
+            }
+            assert_eq!(
+                outcome.returned & 0xff,
+                Kernel::Amx as u64,
+                "DN{depth}: not on AMX"
+            );
+            let bf16s = floats(&outcome.outputs[0]);
+            let max_logit = f32s.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = f32s
+                .iter()
+                .zip(&bf16s)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let top = |row: &[f32]| (0..row.len()).max_by(|&i, &j| row[i].total_cmp(&row[j]));
+            println!(
+                "DN{depth} AMX bf16 vs f32: max |Δlogit| = {worst} = {:.2} % of max |logit| {max_logit}; top-1 {:?} vs {:?}; {:.1} s in the emulator",
+                100.0 * worst / max_logit,
+                top(&bf16s),
+                top(&f32s),
+                started.elapsed().as_secs_f64()
+            );
+            assert_eq!(top(&bf16s), top(&f32s), "DN{depth}: top-1 differs");
+            assert!(
+                worst <= 0.015 * max_logit,
+                "DN{depth}: {worst} against {max_logit}"
+            );
+            measured.push((depth, tensors, f32s, max_logit));
+        }
+        // For comparison, this CPU's bf16, once every guest has run (detection here would be
+        // copied into the guests).
+        for (depth, tensors, f32s, max_logit) in measured {
+            let backend = Backend::new(Device::Cpu, ConvImpl::Fast, Precision::Bf16).expect("bf16");
+            let net = DiracNet::from_tensors(&tensors, &backend).expect("the bf16 net");
+            let here = net
+                .forward(&x)
+                .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?))
+                .expect("bf16 logits");
+            let worst = f32s
+                .iter()
+                .zip(&here)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!(
+                "DN{depth} bf16 here ({}) vs f32: max |Δlogit| = {worst} = {:.2} % of max |logit|",
+                backend.conv_description(),
+                100.0 * worst / max_logit
+            );
+        }
     }
 }
