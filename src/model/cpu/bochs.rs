@@ -13,8 +13,9 @@
 //! for this CPU (all of them within what the emulated Xeon runs, or the guest reports an
 //! invalid opcode), and CPU features as detected here if they were before the copy (the tests
 //! detect nothing natively until their guests have run, so that the guest detects its own).
-//! There is no kernel: of the system calls, the ROM grants the one the AMX detection makes
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`) as Linux does, passes writes to
+//! There is no kernel: what one would set up and grant is a [`Machine`] (the state enabled in
+//! XCR0, the tile permission). Of the system calls, the ROM grants the one the AMX detection
+//! makes (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`) as Linux does, passes writes to
 //! stdout and stderr to the debug port (a panic's message), fails `brk`, ends the run at an
 //! exit or a kill (an abort), and answers any other with -ENOSYS, as a sandbox would, listing it
 //! in the [`Outcome`]. An exception stops the run, reported with the faulting address; the
@@ -88,8 +89,8 @@ diracnet_bochs_rom:
     movl %eax, %cr0
     ljmpl $0x18, $(0xf0000 + 2f - diracnet_bochs_rom)
 
-    # 64-bit mode. CR0: MP and NE, no EM; CR4: OSFXSR, OSXMMEXCPT, OSXSAVE; XCR0: x87, SSE,
-    # AVX, the AVX-512 state and the tile state (bits 17 and 18).
+    # 64-bit mode. CR0: MP and NE, no EM; CR4: OSFXSR, OSXMMEXCPT, OSXSAVE; XCR0 from the
+    # parameter block (the OS's choice of state: x87, SSE, AVX, AVX-512, the tiles).
     .code64
 2:
     movl $0x1f0000, %esp
@@ -101,8 +102,8 @@ diracnet_bochs_rom:
     orq $0x40600, %rax
     movq %rax, %cr4
     xorl %ecx, %ecx
-    xorl %edx, %edx
-    movl $0x600e7, %eax
+    movl 0x200030, %eax
+    movl 0x200034, %edx
     xsetbv
     fninit
     # The IDT at 0x1000: vector v's gate to the stub at 20 + 16·v.
@@ -153,7 +154,7 @@ diracnet_bochs_rom:
     movq 0x200018, %rdi
     movq 0x200010, %rax
     callq *%rax
-    # "#DON <rax>", then "OUT: <hex>" for each buffer listed from 0x200038.
+    # "#DON <rax>", then "OUT: <hex>" for each buffer listed from 0x200048.
     movl $0x1f0000, %esp
     movq %rax, %rbx
     movl $0x4e4f4423, %edi
@@ -162,8 +163,8 @@ diracnet_bochs_rom:
     callq 31f
     movl $10, %edi
     callq 33f
-    movq 0x200030, %r12
-    movl $0x200038, %r13d
+    movq 0x200040, %r12
+    movl $0x200048, %r13d
 4:
     testq %r12, %r12
     jz 6f
@@ -237,7 +238,8 @@ diracnet_bochs_rom:
     callq 33f
     jmp 6b
 
-    # SYSCALL: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) returns 0, write to stdout
+    # SYSCALL: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) returns 0 (or -EPERM, if the
+    # parameter block says so), write to stdout
     # or stderr goes to the port, brk fails; any other prints "#SYS <number> <rdi> <rsi>
     # <return address>" and returns -ENOSYS, as a sandbox would, or, for a call that ends the
     # process, shuts down. On the ROM's stack, not the guest's (its red zone); rax, rcx and r11
@@ -250,6 +252,11 @@ diracnet_bochs_rom:
     cmpq $18, %rsi
     jne 41f
     xorl %eax, %eax
+    # The parameter block may say no (-EPERM), as a sandbox's kernel would.
+    cmpq $0, 0x200038
+    je 47f
+    movq $-1, %rax
+47:
     jmpq *%rcx
     # write(1 or 2, buf, n): the bytes to port 0xe9 (a panic's message), n returned.
 42:
@@ -639,16 +646,39 @@ pub(super) fn run(
     f: &mut dyn FnMut() -> u64,
     outputs: &[&[u8]],
 ) -> Result<Outcome, String> {
-    run_for(bochs, f, outputs, std::time::Duration::from_secs(60))
+    run_on(Machine::default(), bochs, f, outputs)
 }
 
-/// [`run`], stopping a guest that runs longer than `limit` (an error).
-pub(super) fn run_for(
+/// What the guest's "OS" set up and grants, and how long it may run.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Machine {
+    /// The state components enabled in XCR0 (what a kernel supports): by default x87, SSE, AVX,
+    /// the AVX-512 state and the tile state (bits 17 and 18).
+    pub(super) xcr0: u64,
+    /// Whether `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` succeeds (else -EPERM).
+    pub(super) tile_permission: bool,
+    /// A guest still running then is stopped (an error).
+    pub(super) limit: std::time::Duration,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            xcr0: 0x600e7,
+            tile_permission: true,
+            limit: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// [`run`] on the `machine` given.
+pub(super) fn run_on(
+    machine: Machine,
     bochs: &std::path::Path,
     f: &mut dyn FnMut() -> u64,
     outputs: &[&[u8]],
-    limit: std::time::Duration,
 ) -> Result<Outcome, String> {
+    let limit = machine.limit;
     assert!(outputs.len() <= MAX_OUTPUTS, "bochs::run: too many outputs");
     extern "C" fn trampoline(f: *mut &mut dyn FnMut() -> u64) -> u64 {
         // SAFETY: `run` passes a pointer to its live `&mut dyn FnMut`.
@@ -750,6 +780,8 @@ pub(super) fn run_for(
         &raw mut f as u64,
         top,
         fs_base,
+        machine.xcr0,
+        u64::from(!machine.tile_permission),
         outputs.len() as u64,
     ];
     for o in outputs {
@@ -1196,6 +1228,45 @@ mod tests {
         // Here, natively, nothing of that was run: this CPU is not asked.
     }
 
+    /// Where the OS withholds the tile state, detection declines AMX and bf16 runs on
+    /// AVX512-BF16: a kernel that did not enable it in XCR0 (before Linux 5.16), and one that
+    /// refuses this process the tile data (a sandbox).
+    #[test]
+    fn on_an_emulated_amx_cpu_detection_declines_amx_when_the_os_withholds_it() {
+        let Some(bochs) = emulator_alone(
+            "AMX detection where the OS withholds AMX",
+            "model::cpu::bochs::tests::on_an_emulated_amx_cpu_detection_declines_amx_when_the_os_withholds_it",
+        ) else {
+            return;
+        };
+        prepare_thread(32 << 20);
+        // Each guest starts from the same copy, detection's caches empty in each.
+        for (xcr0, tile_permission, case) in [
+            (0xe7, true, "no tile state in XCR0"),
+            (0x600e7, false, "the tile permission refused"),
+        ] {
+            let mut guest = || u64::from(amx::available()) | (Kernel::detect() as u64) << 2;
+            let machine = Machine {
+                xcr0,
+                tile_permission,
+                ..Machine::default()
+            };
+            let outcome =
+                run_on(machine, &bochs, &mut guest, &[]).unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(
+                outcome.syscalls.is_empty(),
+                "{case}: {:?}",
+                outcome.syscalls
+            );
+            assert_eq!(outcome.returned & 1, 0, "{case}: amx::available()");
+            assert_eq!(
+                outcome.returned >> 2,
+                Kernel::Avx512 as u64,
+                "{case}: Kernel::detect()"
+            );
+        }
+    }
+
     /// The whole fixture model (DiracNet-18 at width 16) with `--dtype bf16`, built and run in
     /// the guest, where detection picks AMX: the configuration a Xeon with AMX runs (every
     /// 3×3 conv direct on the tiles where its channels allow). Its logits against this CPU's
@@ -1254,11 +1325,15 @@ mod tests {
                     kernel as u64 | u64::from(bf16::avx512_bf16()) << 8
                 };
                 let outputs = [as_bytes(&got), &described[..]];
-                run_for(
+                let limit = std::time::Duration::from_secs(600);
+                run_on(
+                    Machine {
+                        limit,
+                        ..Machine::default()
+                    },
                     &bochs,
                     &mut guest,
                     &outputs,
-                    std::time::Duration::from_secs(600),
                 )
             })
             .unwrap_or_else(|e| panic!("{e}"));
@@ -1373,7 +1448,11 @@ mod tests {
                         kernel as u64
                     };
                     let limit = std::time::Duration::from_secs(900);
-                    run_for(&bochs, &mut guest, &[as_bytes(&got)], limit)
+                    let machine = Machine {
+                        limit,
+                        ..Machine::default()
+                    };
+                    run_on(machine, &bochs, &mut guest, &[as_bytes(&got)])
                 })
                 .unwrap_or_else(|e| panic!("DN{depth}: {e}"));
             let seconds = started.elapsed().as_secs_f64();
