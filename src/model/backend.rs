@@ -204,9 +204,10 @@ impl Backend {
         } else {
             ""
         };
-        let amx = bf16 && cpu::bf16::Kernel::detect() == cpu::bf16::Kernel::Amx;
+        // The same rule as the layers' (cpu::Conv3x3::new): in bf16 on AMX, direct alone.
+        let direct_only = bf16 && cpu::bf16_direct_only();
         match self.conv {
-            ConvImpl::Fast if amx => format!("fast (direct only, {products}{isa})"),
+            ConvImpl::Fast if direct_only => format!("fast (direct only, {products}{isa})"),
             // The f32 direct conv takes calls only with the AVX-512 kernels (cpu::Conv3x3).
             ConvImpl::Fast if bf16 || cpu::isa() == cpu::Isa::Avx512 => {
                 format!("fast (winograd f4x4 + direct, {products}{isa})")

@@ -605,8 +605,9 @@ const DIRECT_BF16_MAX_PIXELS: usize = 196;
 /// on AMX tiles. Not yet measured (no AMX CPU was at hand): AMX multiplies about 8× faster than
 /// AVX512-BF16, which leaves Winograd's f32 transforms (a sixth of a batch-1 pass already with
 /// AVX512-BF16) outweighing the 2.25× multiplies it saves, and the AMX direct conv copies no
-/// receptive fields ([`DirectConvBf16::forward_tiles`]). `--conv-impl winograd` compares.
-fn bf16_direct_only() -> bool {
+/// receptive fields (`DirectConvBf16::forward_tiles`). `--conv-impl winograd` compares.
+/// [`Backend::conv_description`](crate::model::backend::Backend::conv_description) says so.
+pub fn bf16_direct_only() -> bool {
     Kernel::detect() == Kernel::Amx
 }
 
